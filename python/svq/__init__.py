@@ -1,0 +1,50 @@
+"""svq: shadow virtqueues for vhost-vdpa devices.
+
+A shadow virtqueue sits between a virtio driver's ring (the guest's) and a vDPA device:
+it validates and forwards the guest's buffers on a ring of its own, with addresses
+translated into the device's IOVA space, and completes them when the device is done.
+The hot path is Rust; this package chooses modes and orchestrates devices.
+
+>>> import svq
+>>> with svq.Session("sim:net") as s:
+...     s.driver.post_receive(svq.net.RX, 1, 2048)
+...     s.driver.send(svq.net.TX, [svq.net.frame(svq.net.BROADCAST, b"hi")])
+...     [(_, _, data)] = s.driver.wait(svq.net.RX, 1)
+...     data.endswith(b"hi")
+True
+"""
+
+from . import net
+from ._native import (
+    DeviceNeedsResetError,
+    DeviceProtocolError,
+    ElementTooLargeError,
+    GuestMemoryError,
+    GuestProtocolError,
+    NegotiationError,
+    QueueBrokenError,
+    SessionClosedError,
+    SvqError,
+    live_resources,
+)
+from .device import Device, open_device
+from .session import Driver, Mode, Session
+
+__all__ = [
+    "Device",
+    "DeviceNeedsResetError",
+    "DeviceProtocolError",
+    "Driver",
+    "ElementTooLargeError",
+    "GuestMemoryError",
+    "GuestProtocolError",
+    "Mode",
+    "NegotiationError",
+    "QueueBrokenError",
+    "Session",
+    "SessionClosedError",
+    "SvqError",
+    "live_resources",
+    "net",
+    "open_device",
+]

@@ -1,0 +1,98 @@
+"""Opening devices and describing them (`svq info`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from . import _native
+from .features import backend_feature_names, decode_config, device_class, feature_names
+
+log = logging.getLogger(__name__)
+
+
+class Device:
+    """An open vDPA device: the embedded one (``"sim:net"``, ``"sim:blk"``), a
+    ``/dev/vhost-vdpa-N`` path, or a vdpa device name (resolved through
+    ``/sys/bus/vdpa/devices/<name>``). A context manager; :meth:`close` is idempotent."""
+
+    def __init__(self, spec: str) -> None:
+        self._native = _native.Device(spec)
+        log.debug("opened device %s", spec)
+
+    @property
+    def spec(self) -> str:
+        return self._native.spec
+
+    @property
+    def embedded(self) -> bool:
+        """Whether this is the embedded userspace device."""
+        return self._native.embedded
+
+    def info(self) -> dict[str, Any]:
+        """What a vDPA engineer needs about the device, decoded."""
+        raw = self._native.probe()
+        device_id = raw["device_id"]
+        first, last = raw["iova_range"]
+        return {
+            "device": self.spec,
+            "device_id": device_id,
+            "class": device_class(device_id),
+            "features": feature_names(raw["features"], device_id),
+            "features_raw": raw["features"],
+            "backend_features": backend_feature_names(raw["backend_features"]),
+            "backend_features_raw": raw["backend_features"],
+            "num_queues": raw["num_queues"],
+            "max_queue_size": raw["max_queue_size"],
+            "groups": raw["groups"],
+            "address_spaces": raw["address_spaces"],
+            "vq_groups": raw["vq_groups"],
+            "iova_range": [first, last],
+            "config": decode_config(device_id, raw["config"]),
+        }
+
+    def config(self, offset: int, length: int) -> bytes:
+        """Reads config space."""
+        return self._native.config(offset, length)
+
+    def status(self) -> int:
+        """The virtio status byte."""
+        return self._native.status()
+
+    def live_mappings(self) -> int | None:
+        """IOTLB mappings live on the device (None when the backend cannot count)."""
+        return self._native.live_mappings()
+
+    def probe_map(self, asid: int, iova: int, size: int) -> None:
+        """Maps fresh memory at ``iova`` and unmaps it: raises the device's error
+        (``FileExistsError`` when the range overlaps a live mapping)."""
+        self._native.probe_map(asid, iova, size)
+
+    def unmap(self, asid: int, iova: int, size: int) -> None:
+        """Unmaps a range behind any session's back (for fault tests)."""
+        self._native.unmap(asid, iova, size)
+
+    def faults(self) -> list[str]:
+        """Accesses the embedded device refused since its last reset."""
+        return self._native.faults()
+
+    def sim_stats(self) -> dict[str, int] | None:
+        """The embedded device's counters (None for kernel devices)."""
+        return self._native.sim_stats()
+
+    def close(self) -> None:
+        self._native.close()
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Device({self.spec!r})"
+
+
+def open_device(spec: str) -> Device:
+    """Opens a device by spec (see :class:`Device`)."""
+    return Device(spec)

@@ -1,0 +1,350 @@
+//! An in-process guest driver: it owns split rings in guest memory, posts buffers on them,
+//! kicks, waits for calls and reaps completions. It plays the guest for the demo, the
+//! tests and the benchmarks, through batch operations (never a call per descriptor).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::eventfd::EventFd;
+use crate::iova::{IovaAllocator, PAGE_SIZE};
+use crate::mem::{GuestMemory, MemError};
+use crate::ring::layout::{align_up, RingLayout, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use crate::ring::{Buf, RingWriter, UsedError, Vring};
+use crate::shadow::{QueueFault, QueueHealth};
+use crate::device::Perm;
+
+/// A failed driver operation.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The queue index does not exist.
+    #[error("no queue {0}")]
+    NoQueue(u32),
+    /// Not enough guest memory for the buffers.
+    #[error("guest buffer memory exhausted ({0} bytes wanted)")]
+    NoMemory(u64),
+    /// Not enough free descriptors.
+    #[error(transparent)]
+    RingFull(#[from] crate::ring::RingFull),
+    /// The device (or svq acting as it) broke the ring protocol.
+    #[error("queue {queue}: {source}")]
+    Used {
+        /// Queue.
+        queue: u32,
+        /// The broken rule.
+        #[source]
+        source: UsedError,
+    },
+    /// The queue was broken by a fault svq detected.
+    #[error("{}", .0.message)]
+    Broken(QueueFault),
+    /// Nothing completed in time.
+    #[error("queue {queue}: {got} of {want} completions after {waited:?}")]
+    Timeout {
+        /// Queue.
+        queue: u32,
+        /// Completions received.
+        got: usize,
+        /// Completions wanted.
+        want: usize,
+        /// How long we waited.
+        waited: Duration,
+    },
+    /// A guest memory access failed.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// A buffer longer than a descriptor can describe.
+    #[error("buffer of {0} bytes is too long for one descriptor")]
+    TooLong(usize),
+}
+
+/// Where a guest queue lives and how it is notified: what a VMM hands to svq.
+#[derive(Debug, Clone)]
+pub struct GuestQueue {
+    /// Queue index.
+    pub index: u32,
+    /// Ring layout (size).
+    pub layout: RingLayout,
+    /// Guest address of the descriptor table.
+    pub desc: u64,
+    /// Guest address of the avail ring.
+    pub avail: u64,
+    /// Guest address of the used ring.
+    pub used: u64,
+    /// The guest kicks this.
+    pub kick: Arc<EventFd>,
+    /// The guest is called through this.
+    pub call: Arc<EventFd>,
+    /// VIRTIO_RING_F_EVENT_IDX on this ring.
+    pub event_idx: bool,
+    /// VIRTIO_RING_F_INDIRECT_DESC on this ring.
+    pub indirect: bool,
+    /// Set when the queue breaks, by whoever serves the ring.
+    pub health: Arc<QueueHealth>,
+}
+
+impl GuestQueue {
+    /// The ring, through guest memory.
+    pub fn vring(&self, mem: &GuestMemory) -> Result<Vring, MemError> {
+        let d = mem.host_ptr(self.desc, self.layout.desc_bytes())?;
+        let a = mem.host_ptr(self.avail, self.layout.avail_bytes())?;
+        let u = mem.host_ptr(self.used, self.layout.used_bytes())?;
+        // SAFETY: each part lies in one region of `mem` (host_ptr checked the full size),
+        // guest memory outlives every user of the ring (they hold Arc<GuestMemory>), and
+        // the driver placed the parts at 16/2/4-aligned addresses of page-aligned regions.
+        Ok(unsafe { Vring::new(d, a, u, self.layout) })
+    }
+}
+
+/// A completed chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    /// Head id.
+    pub head: u16,
+    /// Bytes the device wrote.
+    pub len: u32,
+    /// The bytes read back from the chain's writable buffers: the first `len` bytes, or
+    /// all of them when asked for (virtio-blk puts its status in the last byte whatever
+    /// `len` says).
+    pub data: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct Posted {
+    /// Guest buffers (address, length, writable), in chain order.
+    bufs: Vec<Buf>,
+    /// Arena allocations to free.
+    allocs: Vec<u64>,
+}
+
+#[derive(Debug)]
+struct DriverQueue {
+    spec: GuestQueue,
+    writer: RingWriter,
+    posted: Vec<Option<Posted>>,
+}
+
+/// The in-process guest driver.
+#[derive(Debug)]
+pub struct Driver {
+    mem: Arc<GuestMemory>,
+    queues: Vec<DriverQueue>,
+    arena: IovaAllocator,
+}
+
+impl Driver {
+    /// Places one ring per entry of `sizes` at the start of guest memory and uses the rest
+    /// as buffer space.
+    pub fn new(mem: Arc<GuestMemory>, sizes: &[u16], event_idx: bool, indirect: bool) -> Result<Self, DriverError> {
+        let regions = mem.regions();
+        let first = regions.first().ok_or(DriverError::NoMemory(0))?;
+        let base = first.gpa;
+        let last = regions.last().map(|r| r.gpa + r.size - 1).unwrap_or(base);
+        let mut arena = IovaAllocator::new(base, last).map_err(|_| DriverError::NoMemory(0))?;
+        // Gaps between regions are not guest memory: reserve them.
+        for w in regions.windows(2) {
+            let gap = w[1].gpa - (w[0].gpa + w[0].size);
+            if gap > 0 {
+                arena.insert(w[0].gpa + w[0].size, gap, 0, None, Perm::ReadWrite).map_err(|_| DriverError::NoMemory(gap))?;
+            }
+        }
+        let mut queues = Vec::new();
+        for (i, &size) in sizes.iter().enumerate() {
+            let layout = RingLayout::new(size).ok_or(DriverError::NoQueue(i as u32))?;
+            let (d, a, u, total) = layout.packed_offsets();
+            let m = arena
+                .alloc(align_up(total, PAGE_SIZE), 0, None, Perm::ReadWrite)
+                .map_err(|_| DriverError::NoMemory(total))?;
+            mem.write(m.iova, &vec![0u8; total as usize])?;
+            let spec = GuestQueue {
+                index: i as u32,
+                layout,
+                desc: m.iova + d,
+                avail: m.iova + a,
+                used: m.iova + u,
+                kick: Arc::new(EventFd::new().map_err(|e| MemError::Os { op: "eventfd", errno: e })?),
+                call: Arc::new(EventFd::new().map_err(|e| MemError::Os { op: "eventfd", errno: e })?),
+                event_idx,
+                indirect,
+                health: Arc::new(QueueHealth::default()),
+            };
+            let writer = RingWriter::new(spec.vring(&mem)?, 0, event_idx);
+            queues.push(DriverQueue { spec, writer, posted: (0..size).map(|_| None).collect() });
+        }
+        Ok(Driver { mem, queues, arena })
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    /// The queues' descriptions, for whoever serves them.
+    pub fn guest_queues(&self) -> Vec<GuestQueue> {
+        self.queues.iter().map(|q| q.spec.clone()).collect()
+    }
+
+    fn queue(&mut self, q: u32) -> Result<&mut DriverQueue, DriverError> {
+        self.queues.get_mut(q as usize).ok_or(DriverError::NoQueue(q))
+    }
+
+    fn alloc(&mut self, len: usize) -> Result<u64, DriverError> {
+        if len > u32::MAX as usize {
+            return Err(DriverError::TooLong(len));
+        }
+        self.arena
+            .alloc(len.max(1) as u64, 0, None, Perm::ReadWrite)
+            .map(|m| m.iova)
+            .map_err(|_| DriverError::NoMemory(len as u64))
+    }
+
+    /// Posts one chain: each `out` part in its own device-readable buffer, then one
+    /// device-writable buffer per `in_sizes` entry. Call [`Driver::kick`] to publish.
+    pub fn add(&mut self, q: u32, out: &[&[u8]], in_sizes: &[u32]) -> Result<u16, DriverError> {
+        let mut posted = Posted::default();
+        let res = self.fill(&mut posted, out, in_sizes).and_then(|_| {
+            let queue = self.queue(q)?;
+            Ok(queue.writer.add(&posted.bufs)?)
+        });
+        match res {
+            Ok(head) => {
+                self.queues[q as usize].posted[head as usize] = Some(posted);
+                Ok(head)
+            }
+            Err(e) => {
+                self.free(&posted);
+                Err(e)
+            }
+        }
+    }
+
+    /// Like [`Driver::add`], but the chain goes in an indirect table in guest memory and
+    /// takes one descriptor of the ring (VIRTIO_RING_F_INDIRECT_DESC).
+    pub fn add_indirect(&mut self, q: u32, out: &[&[u8]], in_sizes: &[u32]) -> Result<u16, DriverError> {
+        let mut posted = Posted::default();
+        let res = self.fill(&mut posted, out, in_sizes).and_then(|_| {
+            let n = posted.bufs.len();
+            let table = self.alloc(n * 16)?;
+            posted.allocs.push(table);
+            let mut bytes = Vec::with_capacity(n * 16);
+            for (i, b) in posted.bufs.iter().enumerate() {
+                let mut flags = if b.write { VRING_DESC_F_WRITE } else { 0 };
+                if i + 1 < n {
+                    flags |= VRING_DESC_F_NEXT;
+                }
+                let next = if i + 1 < n { i as u16 + 1 } else { 0 };
+                bytes.extend_from_slice(&b.addr.to_le_bytes());
+                bytes.extend_from_slice(&b.len.to_le_bytes());
+                bytes.extend_from_slice(&flags.to_le_bytes());
+                bytes.extend_from_slice(&next.to_le_bytes());
+            }
+            self.mem.write(table, &bytes)?;
+            let writable: u64 = posted.bufs.iter().filter(|b| b.write).map(|b| b.len as u64).sum();
+            let queue = self.queue(q)?;
+            Ok(queue.writer.add_indirect(table, n as u32, writable.min(u32::MAX as u64) as u32)?)
+        });
+        match res {
+            Ok(head) => {
+                self.queues[q as usize].posted[head as usize] = Some(posted);
+                Ok(head)
+            }
+            Err(e) => {
+                self.free(&posted);
+                Err(e)
+            }
+        }
+    }
+
+    fn fill(&mut self, posted: &mut Posted, out: &[&[u8]], in_sizes: &[u32]) -> Result<(), DriverError> {
+        for part in out {
+            let addr = self.alloc(part.len())?;
+            posted.allocs.push(addr);
+            self.mem.write(addr, part)?;
+            posted.bufs.push(Buf { addr, len: part.len() as u32, write: false });
+        }
+        for &n in in_sizes {
+            let addr = self.alloc(n as usize)?;
+            posted.allocs.push(addr);
+            posted.bufs.push(Buf { addr, len: n, write: true });
+        }
+        Ok(())
+    }
+
+    fn free(&mut self, posted: &Posted) {
+        for a in &posted.allocs {
+            let _ = self.arena.remove(*a);
+        }
+    }
+
+    /// Publishes posted chains and kicks if the other side wants it. Returns whether it kicked.
+    pub fn kick(&mut self, q: u32) -> Result<bool, DriverError> {
+        let queue = self.queue(q)?;
+        let kick = queue.writer.publish();
+        if kick {
+            queue.spec.kick.signal();
+        }
+        Ok(kick)
+    }
+
+    /// Reaps what has completed, without waiting.
+    pub fn poll(&mut self, q: u32, max: usize, whole: bool, out: &mut Vec<Completion>) -> Result<usize, DriverError> {
+        let mut n = 0;
+        while n < max {
+            let queue = self.queue(q)?;
+            let used = queue.writer.pop_used().map_err(|source| DriverError::Used { queue: q, source })?;
+            let Some((head, len)) = used else { break };
+            let posted = queue.posted[head as usize].take().unwrap_or_default();
+            let writable: usize = posted.bufs.iter().filter(|b| b.write).map(|b| b.len as usize).sum();
+            let mut data = vec![0u8; if whole { writable } else { len as usize }];
+            let mut at = 0usize;
+            for b in posted.bufs.iter().filter(|b| b.write) {
+                let take = (b.len as usize).min(data.len() - at);
+                if take == 0 {
+                    break;
+                }
+                self.mem.read(b.addr, &mut data[at..at + take])?;
+                at += take;
+            }
+            self.free(&posted);
+            out.push(Completion { head, len, data });
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Waits until `want` chains completed (`whole`: read back every writable byte, not
+    /// just the used length) (or `timeout`), with notifications re-armed
+    /// before sleeping so that none is lost. Fails early when the queue breaks.
+    pub fn wait(&mut self, q: u32, want: usize, whole: bool, timeout: Duration) -> Result<Vec<Completion>, DriverError> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(want);
+        loop {
+            self.queue(q)?.writer.disable_cb();
+            self.poll(q, want - out.len(), whole, &mut out)?;
+            if out.len() >= want {
+                return Ok(out);
+            }
+            let queue = self.queue(q)?;
+            if let Some(f) = queue.spec.health.fault() {
+                return Err(DriverError::Broken(f));
+            }
+            if queue.writer.enable_cb() {
+                continue;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(DriverError::Timeout { queue: q, got: out.len(), want, waited: timeout });
+            }
+            queue.spec.call.wait(deadline - now);
+        }
+    }
+
+    /// Chains in flight on queue `q`.
+    pub fn in_flight(&self, q: u32) -> usize {
+        self.queues.get(q as usize).map_or(0, |x| x.writer.in_flight())
+    }
+
+    /// Live buffer allocations in guest memory (rings included).
+    pub fn live_buffers(&self) -> usize {
+        self.arena.len()
+    }
+}

@@ -1,0 +1,82 @@
+//! Eventfds: how a driver kicks a device and a device calls a driver.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd as NixEventFd};
+use nix::unistd;
+
+use crate::live;
+
+/// A non-blocking eventfd, counted in [`live::eventfds`].
+#[derive(Debug)]
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    /// A new non-blocking, close-on-exec eventfd.
+    pub fn new() -> Result<Self, Errno> {
+        let fd: OwnedFd = NixEventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?.into();
+        live::eventfd_opened();
+        Ok(EventFd { fd })
+    }
+
+    /// A counted duplicate of an eventfd someone else owns (how a device keeps the fd it
+    /// was given with SET_VRING_KICK/CALL).
+    pub fn dup_of(fd: BorrowedFd<'_>) -> Result<Self, Errno> {
+        // If it is not an eventfd, signals and drains fail with an errno, which is ignored
+        // like a lost notification: the peer that passed a bad fd gets no wake-ups.
+        let fd = fd.try_clone_to_owned().map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EBADF)))?;
+        live::eventfd_opened();
+        Ok(EventFd { fd })
+    }
+
+    /// Signals (adds 1).
+    pub fn signal(&self) {
+        // EAGAIN only when the counter would overflow, which means a signal is pending anyway.
+        let _ = unistd::write(&self.fd, &1u64.to_ne_bytes());
+    }
+
+    /// Consumes pending signals; returns how many there were (0 if none).
+    pub fn drain(&self) -> u64 {
+        let mut b = [0u8; 8];
+        match unistd::read(self.fd.as_raw_fd(), &mut b) {
+            Ok(8) => u64::from_ne_bytes(b),
+            _ => 0,
+        }
+    }
+
+    /// Waits up to `timeout` for a signal and consumes it. Returns false on timeout.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        if self.drain() > 0 {
+            return true;
+        }
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)) {
+            Ok(n) if n > 0 => self.drain() > 0,
+            _ => false,
+        }
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.fd.as_fd().as_raw_fd()
+    }
+}
+
+impl Drop for EventFd {
+    fn drop(&mut self) {
+        live::eventfd_closed();
+    }
+}

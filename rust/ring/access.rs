@@ -1,0 +1,162 @@
+//! Volatile and atomic accessors over a split ring in memory a peer can write.
+//!
+//! No reference is ever formed to ring memory: descriptors and used entries are copied in
+//! and out with volatile accesses, the index words are atomics.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use super::layout::{Descriptor, RingLayout, UsedElem};
+
+/// Host pointers to the three parts of one split ring.
+#[derive(Debug, Clone, Copy)]
+pub struct Vring {
+    desc: NonNull<u8>,
+    avail: NonNull<u8>,
+    used: NonNull<u8>,
+    layout: RingLayout,
+}
+
+// SAFETY: a Vring is only pointers into shared ring memory; every access through it is
+// volatile or atomic, so moving it to another thread is as sound as using it here.
+unsafe impl Send for Vring {}
+// SAFETY: as above; `&Vring` offers only volatile/atomic accesses.
+unsafe impl Sync for Vring {}
+
+impl Vring {
+    /// A ring over host memory.
+    ///
+    /// # Safety
+    /// `desc`, `avail` and `used` must be valid for reads and writes of
+    /// `layout.desc_bytes()`, `layout.avail_bytes()` and `layout.used_bytes()` bytes for as
+    /// long as the `Vring` (or a copy) is used, and aligned to 16, 2 and 4 bytes.
+    pub unsafe fn new(desc: NonNull<u8>, avail: NonNull<u8>, used: NonNull<u8>, layout: RingLayout) -> Self {
+        debug_assert!(desc.as_ptr() as usize % 16 == 0);
+        debug_assert!(avail.as_ptr() as usize % 2 == 0);
+        debug_assert!(used.as_ptr() as usize % 4 == 0);
+        Vring { desc, avail, used, layout }
+    }
+
+    /// The ring's layout.
+    pub fn layout(&self) -> RingLayout {
+        self.layout
+    }
+
+    /// Queue size.
+    #[inline]
+    pub fn size(&self) -> u16 {
+        self.layout.size
+    }
+
+    #[inline]
+    fn u16_at(&self, base: NonNull<u8>, off: u64) -> &AtomicU16 {
+        // SAFETY: callers pass offsets inside the part (`Vring::new` contract), 2-aligned
+        // because the part is and every u16 field sits at an even offset; AtomicU16 has
+        // the layout of u16 and atomics are the sanctioned way to share it with a peer.
+        unsafe { &*(base.as_ptr().add(off as usize) as *const AtomicU16) }
+    }
+
+    /// Reads descriptor `i` (`i < size`).
+    #[inline]
+    pub fn desc(&self, i: u16) -> Descriptor {
+        debug_assert!(i < self.size());
+        // SAFETY: i < size keeps the read inside the table; volatile because the peer may
+        // write it concurrently; Descriptor is plain data valid for any bits.
+        unsafe { std::ptr::read_volatile((self.desc.as_ptr() as *const Descriptor).add(i as usize)) }
+    }
+
+    /// Writes descriptor `i` (`i < size`).
+    #[inline]
+    pub fn set_desc(&self, i: u16, d: Descriptor) {
+        debug_assert!(i < self.size());
+        // SAFETY: i < size keeps the write inside the table.
+        unsafe { std::ptr::write_volatile((self.desc.as_ptr() as *mut Descriptor).add(i as usize), d) }
+    }
+
+    /// `avail.flags`.
+    #[inline]
+    pub fn avail_flags(&self) -> u16 {
+        u16::from_le(self.u16_at(self.avail, 0).load(Ordering::Relaxed))
+    }
+    /// Sets `avail.flags`.
+    #[inline]
+    pub fn set_avail_flags(&self, v: u16) {
+        self.u16_at(self.avail, 0).store(v.to_le(), Ordering::Relaxed)
+    }
+    /// `avail.idx` (the caller orders it with [`super::barrier`]).
+    #[inline]
+    pub fn avail_idx(&self) -> u16 {
+        u16::from_le(self.u16_at(self.avail, 2).load(Ordering::Relaxed))
+    }
+    /// Stores `avail.idx`.
+    #[inline]
+    pub fn set_avail_idx(&self, v: u16) {
+        self.u16_at(self.avail, 2).store(v.to_le(), Ordering::Relaxed)
+    }
+    /// `avail.ring[i % size]`.
+    #[inline]
+    pub fn avail_entry(&self, i: u16) -> u16 {
+        u16::from_le(self.u16_at(self.avail, RingLayout::avail_entry(i & (self.size() - 1))).load(Ordering::Relaxed))
+    }
+    /// Sets `avail.ring[i % size]`.
+    #[inline]
+    pub fn set_avail_entry(&self, i: u16, head: u16) {
+        self.u16_at(self.avail, RingLayout::avail_entry(i & (self.size() - 1))).store(head.to_le(), Ordering::Relaxed)
+    }
+    /// `used_event` (at the end of the avail ring).
+    #[inline]
+    pub fn used_event(&self) -> u16 {
+        u16::from_le(self.u16_at(self.avail, self.layout.used_event_offset()).load(Ordering::Relaxed))
+    }
+    /// Sets `used_event`.
+    #[inline]
+    pub fn set_used_event(&self, v: u16) {
+        self.u16_at(self.avail, self.layout.used_event_offset()).store(v.to_le(), Ordering::Relaxed)
+    }
+    /// `used.flags`.
+    #[inline]
+    pub fn used_flags(&self) -> u16 {
+        u16::from_le(self.u16_at(self.used, 0).load(Ordering::Relaxed))
+    }
+    /// Sets `used.flags`.
+    #[inline]
+    pub fn set_used_flags(&self, v: u16) {
+        self.u16_at(self.used, 0).store(v.to_le(), Ordering::Relaxed)
+    }
+    /// `used.idx`.
+    #[inline]
+    pub fn used_idx(&self) -> u16 {
+        u16::from_le(self.u16_at(self.used, 2).load(Ordering::Relaxed))
+    }
+    /// Stores `used.idx`.
+    #[inline]
+    pub fn set_used_idx(&self, v: u16) {
+        self.u16_at(self.used, 2).store(v.to_le(), Ordering::Relaxed)
+    }
+    /// `used.ring[i % size]` as (id, len).
+    #[inline]
+    pub fn used_entry(&self, i: u16) -> (u32, u32) {
+        let off = RingLayout::used_entry(i & (self.size() - 1)) as usize;
+        // SAFETY: the offset is inside the used ring for any i (masked), 4-aligned.
+        let e: UsedElem = unsafe { std::ptr::read_volatile(self.used.as_ptr().add(off) as *const UsedElem) };
+        (e.id.into(), e.len.into())
+    }
+    /// Sets `used.ring[i % size]`.
+    #[inline]
+    pub fn set_used_entry(&self, i: u16, id: u32, len: u32) {
+        let off = RingLayout::used_entry(i & (self.size() - 1)) as usize;
+        let e = UsedElem { id: id.into(), len: len.into() };
+        // SAFETY: as in `used_entry`.
+        unsafe { std::ptr::write_volatile(self.used.as_ptr().add(off) as *mut UsedElem, e) }
+    }
+    /// `avail_event` (at the end of the used ring).
+    #[inline]
+    pub fn avail_event(&self) -> u16 {
+        u16::from_le(self.u16_at(self.used, self.layout.avail_event_offset()).load(Ordering::Relaxed))
+    }
+    /// Sets `avail_event`.
+    #[inline]
+    pub fn set_avail_event(&self, v: u16) {
+        self.u16_at(self.used, self.layout.avail_event_offset()).store(v.to_le(), Ordering::Relaxed)
+    }
+}

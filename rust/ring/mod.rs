@@ -1,0 +1,16 @@
+//! Virtio 1.x split rings: the wire layout, the barriers, and the two roles over a ring
+//! (device-side [`reader`], driver-side [`writer`]).
+
+pub mod access;
+pub mod barrier;
+pub mod layout;
+pub mod reader;
+pub mod writer;
+
+pub use access::Vring;
+pub use layout::{Descriptor, RingLayout};
+pub use reader::{BufferSpace, Chain, ChainError, RingReader, Segment};
+pub use writer::{Buf, RingFull, RingWriter, UsedError};
+
+#[cfg(test)]
+mod tests;

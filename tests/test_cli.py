@@ -1,0 +1,63 @@
+"""The command line: `svq demo` and `svq info`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from svq.cli import main
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "svq", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("mode", ["translate", "passthrough"])
+def test_demo_json(mode: str) -> None:
+    r = run("demo", "--json", "--mode", mode, "--packets", "300", "--frame-size", "1000")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["device"] == "sim:net" and out["mode"] == mode
+    assert out["packets_sent"] == out["packets_received"] == 300
+    assert out["payload_mismatches"] == 0
+    assert out["mac_before"] == "52:54:00:12:34:56" and out["mac_after"] == "02:5a:51:00:00:01"
+    assert out["blk_verified"] is True
+    assert out["elapsed_s"] > 0
+    if mode == "translate":
+        assert out["tx_stats"]["elements"] == 300
+
+
+def test_demo_text(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--packets", "50"]) == 0
+    text = capsys.readouterr().out
+    assert "50/50 frames" in text and "verified" in text
+
+
+def test_demo_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--frame-size", "10"]) == 2
+    assert "frame-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dev, cls", [("sim:net", "net"), ("sim:blk", "blk")])
+def test_info_json(dev: str, cls: str) -> None:
+    r = run("info", dev, "--json")
+    assert r.returncode == 0, r.stderr
+    i = json.loads(r.stdout)
+    for key in ("device_id", "features", "backend_features", "num_queues", "max_queue_size", "groups",
+                "address_spaces", "vq_groups", "iova_range", "config"):
+        assert key in i
+    assert i["class"] == cls
+    assert "VERSION_1" in i["features"] and "ACCESS_PLATFORM" in i["features"]
+    if cls == "net":
+        assert i["vq_groups"] == [0, 0, 1] and i["address_spaces"] == 2
+        assert i["config"]["mac"] == "52:54:00:12:34:56"
+    else:
+        assert i["config"]["capacity"] == 262144 and i["config"]["seg_max"] == 32
+
+
+def test_info_missing_device() -> None:
+    r = run("info", "/dev/vhost-vdpa-99")
+    assert r.returncode == 1 and "No such file" in r.stderr

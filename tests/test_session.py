@@ -1,0 +1,123 @@
+"""Session life cycle: negotiation, counters, close, errors for bad input."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import svq
+from svq import net
+
+
+def test_negotiated_features(mode: svq.Mode) -> None:
+    with svq.Session("sim:net", mode=mode) as s:
+        assert s.features >> 32 & 1 and s.features >> 33 & 1, "VERSION_1 and ACCESS_PLATFORM"
+        assert s.features >> 29 & 1, "EVENT_IDX offered and wanted"
+        assert s.backend_features == 0x3E, "MSG_V2, BATCH, ASID, SUSPEND, RESUME acked"
+        assert s.num_queues == 3
+
+
+def test_close_releases_everything_and_is_idempotent() -> None:
+    before = svq.live_resources()
+    dev = svq.Device("sim:net")
+    s = svq.Session(dev)
+    during = svq.live_resources()
+    assert during["threads"] == before["threads"] + 2, "the device and the engine"
+    assert during["eventfds"] > before["eventfds"]
+    assert s.live_mappings() == 1 + 2 * 3, "guest memory and two per shadow ring"
+    assert dev.live_mappings() == s.live_mappings()
+    s.driver.post_receive(net.RX, 10, 2048)
+    s.close()
+    s.close()
+    assert s.closed
+    assert dev.live_mappings() == 0
+    with pytest.raises(svq.SessionClosedError):
+        s.driver.send(net.TX, [b"x" * 64])
+    dev.close()
+    assert svq.live_resources() == before
+
+
+def test_suspend_vring_base_resume(mode: svq.Mode) -> None:
+    with svq.Session("sim:net", mode=mode) as s:
+        s.driver.post_receive(net.RX, 8, 2048)
+        s.driver.send(net.TX, [net.frame(net.BROADCAST, bytes(40))] * 5)
+        s.driver.wait(net.TX, 5)
+        s.suspend()
+        assert s.vring_base(net.TX) == 5
+        s.driver.send(net.TX, [net.frame(net.BROADCAST, bytes(40))])
+        with pytest.raises(TimeoutError):
+            s.driver.wait(net.TX, 1, timeout=0.3)
+        assert s.vring_base(net.TX) == 5
+        s.resume()
+        s.driver.wait(net.TX, 1)
+        assert s.vring_base(net.TX) == 6
+
+
+def test_wait_releases_the_interpreter() -> None:
+    """A thread blocked in wait() does not stop another thread from running Python."""
+    with svq.Session("sim:net") as s:
+        ticks = 0
+        stop = threading.Event()
+
+        def spin() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+
+        t = threading.Thread(target=spin)
+        t.start()
+        with pytest.raises(TimeoutError):
+            s.driver.wait(net.RX, 1, timeout=0.3)
+        stop.set()
+        t.join()
+        assert ticks > 1000
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc",
+    [
+        ({"mode": "bogus"}, ValueError),
+        ({"queue_size": 100}, ValueError),
+        ({"memory": [(0x4000_0000, 1000)]}, ValueError),
+        ({"memory": [(0x4000_0000, 1 << 20), (0x4008_0000, 1 << 20)]}, ValueError),
+        ({"memory": [(0x4000_0000, 4096)]}, svq.GuestMemoryError),
+    ],
+)
+def test_bad_session_arguments(kwargs: dict, exc: type[Exception]) -> None:
+    with svq.Device("sim:net") as dev:
+        with pytest.raises(exc):
+            svq.Session(dev, **kwargs)
+        assert dev.live_mappings() == 0
+
+
+def test_bad_device_specs() -> None:
+    with pytest.raises(ValueError, match="unknown embedded device"):
+        svq.Device("sim:gpu")
+    with pytest.raises(ValueError, match="bad MAC"):
+        svq.Device("sim:net,mac=zz")
+    with pytest.raises(FileNotFoundError):
+        svq.Device("/dev/vhost-vdpa-does-not-exist")
+    with pytest.raises(FileNotFoundError):
+        svq.Device("no-such-vdpa-device")
+
+
+def test_wait_arguments() -> None:
+    with svq.Session("sim:net") as s:
+        with pytest.raises(ValueError):
+            s.driver.wait(net.RX, 1, timeout=-1)
+        with pytest.raises(ValueError, match="no queue 7"):
+            s.driver.send(7, [b"x"])
+        with pytest.raises(ValueError):
+            s.driver.send(net.TX, [b"x"], segments=0)
+
+
+def test_guest_memory_exhaustion_is_an_error_not_a_crash() -> None:
+    with svq.Session("sim:net", memory=[(0x4000_0000, 64 << 10)]) as s:
+        with pytest.raises(svq.GuestMemoryError):
+            s.driver.send(net.TX, [net.frame(net.BROADCAST, bytes(4000))] * 100)
+        # What was posted before the failure was published and completes normally.
+        posted = s.driver.in_flight(net.TX)
+        assert 0 < posted < 100
+        assert len(s.driver.wait(net.TX, posted)) == posted
+        assert s.driver.in_flight(net.TX) == 0
