@@ -121,3 +121,8 @@ def test_guest_memory_exhaustion_is_an_error_not_a_crash() -> None:
         assert 0 < posted < 100
         assert len(s.driver.wait(net.TX, posted)) == posted
         assert s.driver.in_flight(net.TX) == 0
+
+
+def test_a_file_that_is_not_vhost_vdpa_is_refused_clearly() -> None:
+    with pytest.raises(ValueError, match="not a vhost-vdpa device"):
+        svq.Device("/dev/null")

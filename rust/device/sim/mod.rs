@@ -19,11 +19,10 @@ use crate::ring::layout::{RingLayout, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION
 use crate::ring::{Chain, RingReader};
 
 mod blk;
-pub mod iotlb;
 mod net;
 pub mod view;
 
-use iotlb::AddressSpace;
+use super::iotlb::AddressSpace;
 use view::DeviceView;
 
 /// Queue size the embedded device offers (as the kernel simulator).

@@ -2,7 +2,7 @@
 
 use std::ptr::NonNull;
 
-use super::iotlb::{AddressSpace, Fault};
+use crate::device::iotlb::{AddressSpace, Fault};
 use crate::ring::layout::RingLayout;
 use crate::ring::{BufferSpace, Descriptor, Segment, Vring};
 

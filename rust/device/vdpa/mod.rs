@@ -9,9 +9,11 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use nix::errno::Errno;
 
+use super::iotlb::AddressSpace;
 use super::{backend_feature, Device, DeviceError, DeviceResult, IotlbOp};
 
 pub mod sys;
@@ -31,6 +33,10 @@ pub struct VhostVdpa {
     path: String,
     /// Backend features acked with `VHOST_SET_BACKEND_FEATURES` (0 until then).
     backend_features: AtomicU64,
+    /// What this fd mapped, per ASID. The fd is exclusive (a second open is EBUSY), so
+    /// the mirror is exact; it lets svq refuse an overlap with EEXIST before the kernel
+    /// (whose write(2) reports every refused message as EFAULT) and count live mappings.
+    mirror: Mutex<Vec<AddressSpace>>,
 }
 
 fn errno_of(e: &io::Error) -> Errno {
@@ -134,6 +140,7 @@ impl VhostVdpa {
             fd: OwnedFd::from(file),
             path: shown,
             backend_features: AtomicU64::new(0),
+            mirror: Mutex::new(Vec::new()),
         };
         // SAFETY: the fd is open and owned by `dev`; VHOST_SET_OWNER takes no argument.
         match unsafe { sys::vhost_set_owner(dev.raw()) } {
@@ -506,6 +513,45 @@ impl Device for VhostVdpa {
         if ops.is_empty() {
             return Ok(());
         }
+        let mut mirror = self.mirror.lock().unwrap_or_else(|p| p.into_inner());
+        if mirror.len() <= asid as usize {
+            mirror.resize_with(asid as usize + 1, AddressSpace::default);
+        }
+        // Check the whole change against the mirror first: an overlap is refused with
+        // EEXIST (the uapi's meaning) before anything reaches the kernel.
+        let mut after = mirror[asid as usize].clone();
+        for op in ops {
+            match *op {
+                IotlbOp::Update { iova, size, uaddr, perm } => {
+                    after.update(iova, size, uaddr, perm).map_err(|e| self.err(describe(op, asid), e))?
+                }
+                IotlbOp::Invalidate { iova, size } => after.invalidate(iova, size),
+            }
+        }
+        let written = self.write_ops(asid, ops);
+        if written.is_ok() {
+            mirror[asid as usize] = after;
+        } else {
+            // The kernel applies messages one by one; after a refusal nothing more is
+            // sent, so only mappings that are certainly gone are dropped from the mirror.
+            for op in ops {
+                if let IotlbOp::Invalidate { iova, size } = *op {
+                    mirror[asid as usize].invalidate(iova, size);
+                }
+            }
+        }
+        written
+    }
+
+    fn live_mappings(&self) -> Option<usize> {
+        Some(self.mirror.lock().unwrap_or_else(|p| p.into_inner()).iter().map(AddressSpace::len).sum())
+    }
+}
+
+impl VhostVdpa {
+    /// Writes `ops` as `vhost_msg_v2` messages, in one batch when IOTLB_BATCH is acked.
+    fn write_ops(&self, asid: u32, ops: &[IotlbOp]) -> DeviceResult<()> {
+        let has_asid = self.acked(backend_feature::IOTLB_ASID);
         // Without IOTLB_ASID the kernel ignores the field; write 0 as the uapi asks.
         let wire_asid = if has_asid { asid } else { 0 };
         let batch = ops.len() > 1 && self.acked(backend_feature::IOTLB_BATCH);
@@ -573,10 +619,6 @@ impl Device for VhostVdpa {
             }
         }
         result
-    }
-
-    fn live_mappings(&self) -> Option<usize> {
-        None
     }
 }
 
@@ -819,12 +861,13 @@ mod kernel_tests {
         };
         let inval = IotlbOp::Invalidate { iova, size: 4096 };
         dev.iotlb(0, &[update]).unwrap();
-        // The overlap is EEXIST inside the kernel (vhost_vdpa_process_iotlb_update), but
-        // vhost_chr_write_iter() reports every refused message as EFAULT to write(2).
+        assert_eq!(dev.live_mappings(), Some(1));
+        // An overlap is refused with EEXIST from the mirror, before the kernel (whose
+        // write(2) would report it as EFAULT).
         let err = dev.iotlb(0, &[update]).unwrap_err();
-        assert_eq!(err.errno(), Some(Errno::EFAULT), "{err}");
+        assert_eq!(err.errno(), Some(Errno::EEXIST), "{err}");
         assert!(err.to_string().contains("iova=0x100000"), "{err}");
-        // A range that wraps past 2^64 is refused the same way.
+        // A range that wraps past 2^64 is refused too.
         let wrap = IotlbOp::Update {
             iova: u64::MAX - 0xfff,
             size: 0x2000,
@@ -832,13 +875,13 @@ mod kernel_tests {
             perm: Perm::ReadOnly,
         };
         let err = dev.iotlb(0, &[wrap]).unwrap_err();
-        assert_eq!(err.errno(), Some(Errno::EFAULT), "{err}");
+        assert_eq!(err.errno(), Some(Errno::EINVAL), "{err}");
         dev.iotlb(0, &[inval]).unwrap();
         dev.iotlb(0, &[update]).unwrap();
 
-        // A batch: invalidate + update + a second page, then an overlapping batch that the
-        // kernel refuses (at the message or at BATCH_END), after which the device still
-        // takes updates (the batch was closed).
+        // A batch: invalidate + update + a second page; then a batch with an overlap is
+        // refused as a whole before anything is written, so its invalidate does not take
+        // effect either.
         let update2 = IotlbOp::Update {
             iova: iova + 0x10000,
             size: 4096,
@@ -858,10 +901,11 @@ mod kernel_tests {
                 ],
             )
             .unwrap_err();
-        assert_eq!(err.errno(), Some(Errno::EFAULT), "{err}");
-        assert!(err.to_string().contains("op 2 of 2 in a batch"), "{err}");
-        // The invalidate in the refused batch took effect: the second page maps again.
-        dev.iotlb(0, &[update2]).unwrap();
+        assert_eq!(err.errno(), Some(Errno::EEXIST), "{err}");
+        assert_eq!(dev.live_mappings(), Some(2));
+        let err = dev.iotlb(0, &[update2]).unwrap_err();
+        assert_eq!(err.errno(), Some(Errno::EEXIST), "{err}");
+        dev.iotlb(0, &[IotlbOp::Invalidate { iova: iova + 0x10000, size: 4096 }]).unwrap();
 
         // ASID 1 (the simulator has 2 address spaces); ASID 2 does not exist.
         if ack & (1 << backend_feature::IOTLB_ASID) != 0 {
@@ -886,7 +930,7 @@ mod kernel_tests {
             )
             .unwrap_err();
         assert_eq!(err.errno(), Some(Errno::EINVAL), "{err}");
-        assert_eq!(dev.live_mappings(), None);
+        assert_eq!(dev.live_mappings(), Some(1));
         dev.iotlb(
             0,
             &[

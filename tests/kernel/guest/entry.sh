@@ -18,7 +18,7 @@ for d in vdpa0 vdpa1; do
   [ "$drv" = vhost_vdpa ] || { echo "kernel tier: $d is bound to '$drv', not vhost_vdpa" >&2; exit 97; }
   echo "kernel tier: $d -> /dev/$(basename /sys/bus/vdpa/devices/$d/vhost-vdpa-*)"
 done
-export SVQ_KERNEL_NET=vdpa0 SVQ_KERNEL_BLK=vdpa1
+export SVQ_KERNEL_NET=vdpa0 SVQ_KERNEL_BLK=vdpa1 SVQ_KERNEL_RESULTS="$W/results.json"
 [ -x "$W/venv/bin/python" ] && export PATH="$W/venv/bin:$PATH" VIRTUAL_ENV="$W/venv"
 
 set +e

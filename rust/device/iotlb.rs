@@ -1,5 +1,7 @@
-//! The embedded device's IOTLB: per address space, IOVA ranges mapped to host addresses
-//! with permissions. It is the device's only way to reach memory.
+//! An IOTLB address space: IOVA ranges mapped to host addresses with permissions, with the
+//! semantics of vhost's IOTLB (overlap refused, invalidation removes every mapping it
+//! touches). The embedded device reaches memory only through it; the kernel backend keeps
+//! one as a mirror of what it wrote, since its fd is exclusive.
 
 use std::collections::BTreeMap;
 
@@ -38,7 +40,7 @@ pub enum Fault {
 }
 
 /// One address space's mappings.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct AddressSpace {
     map: BTreeMap<u64, Entry>,
 }
