@@ -1,5 +1,6 @@
 """Forwarding through the shadow virtqueue (translate mode) against passthrough on the
-same embedded device: frames per second through TX→RX loopback, batched."""
+same embedded device: frames per second through TX→RX loopback, batched; and svq's
+forwarding loop in process against the pure-Python shadow virtqueue."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from collections.abc import Iterator
 import pytest
 
 import svq
-from svq import net
+from svq import _native, bench, net
 
 BATCH = 128
-FRAMES = [net.frame(net.BROADCAST, bytes(64 - 26))] * BATCH
+CASES = [(1, 64), (4, 64), (1, 1500), (4, 1500)]
 
 
 @pytest.fixture(params=[svq.Mode.TRANSLATE, svq.Mode.PASSTHROUGH], ids=lambda m: m.value)
@@ -20,15 +21,34 @@ def session(request: pytest.FixtureRequest) -> Iterator[svq.Session]:
         yield s
 
 
-def round_trip(s: svq.Session) -> None:
-    s.driver.post_receive(net.RX, BATCH, 2048)
-    s.driver.send(net.TX, FRAMES)
-    got = s.driver.wait(net.RX, BATCH)
-    s.driver.wait(net.TX, BATCH)
-    assert len(got) == BATCH
+def round_trip(s: svq.Session, frames: list[bytes], segments: int) -> None:
+    s.driver.post_receive(net.RX, len(frames), 2048)
+    s.driver.send(net.TX, frames, segments)
+    got = s.driver.wait(net.RX, len(frames))
+    s.driver.wait(net.TX, len(frames))
+    assert len(got) == len(frames)
+    assert got[0][2] == frames[0]
 
 
-@pytest.mark.benchmark(group="forwarding-64B")
-def test_loopback_batch(benchmark, session: svq.Session) -> None:  # type: ignore[no-untyped-def]
-    benchmark.extra_info["frames_per_round"] = BATCH
-    benchmark(round_trip, session)
+@pytest.mark.parametrize("segments,size", CASES, ids=[f"{s}seg-{b}B" for s, b in CASES])
+@pytest.mark.benchmark(group="forwarding-e2e")
+def test_loopback_batch(benchmark, session: svq.Session, segments: int, size: int) -> None:  # type: ignore[no-untyped-def]
+    frames = [net.frame(net.BROADCAST, bytes(size - 26))] * min(BATCH, 256 // segments)
+    benchmark.extra_info["frames_per_round"] = len(frames)
+    benchmark(round_trip, session, frames, segments)
+
+
+@pytest.mark.parametrize("segments,size", CASES, ids=[f"{s}seg-{b}B" for s, b in CASES])
+@pytest.mark.benchmark(group="forwarding-inprocess")
+def test_inprocess_svq(benchmark, segments: int, size: int) -> None:  # type: ignore[no-untyped-def]
+    r = benchmark(_native.bench_forward, segments, size, 3200)
+    benchmark.extra_info.update(r)
+    assert r["checksum"] == bench.expected_forward_checksum(segments, size, r["elements"])
+
+
+@pytest.mark.parametrize("segments,size", CASES, ids=[f"{s}seg-{b}B" for s, b in CASES])
+@pytest.mark.benchmark(group="forwarding-inprocess")
+def test_inprocess_pure_python(benchmark, segments: int, size: int) -> None:  # type: ignore[no-untyped-def]
+    r = benchmark(bench.py_forward, segments, size, 320)
+    benchmark.extra_info.update(r)
+    assert r["checksum"] == bench.expected_forward_checksum(segments, size, r["elements"])

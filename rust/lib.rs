@@ -12,13 +12,17 @@
 //! guest driver).
 #![deny(missing_docs)]
 
+pub mod bench;
+pub mod bounce;
 pub mod device;
+pub mod dma;
 pub mod driver;
 pub mod engine;
 pub mod eventfd;
 pub mod iova;
 pub mod live;
 pub mod mem;
+pub mod net;
 #[cfg(feature = "python")]
 mod py;
 pub mod ring;

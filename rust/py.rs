@@ -11,11 +11,15 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::device::sim::SimDevice;
+use crate::device::faulty::FaultInjector;
 use crate::device::vdpa::VhostVdpa;
 use crate::device::{Device as DeviceTrait, DeviceError};
 use crate::driver::DriverError;
 use crate::live;
+use crate::bounce::Strategy;
+use crate::net::{NetState, RxMode};
 use crate::session::{Mode, Session as RustSession, SessionConfig, SessionError};
+use crate::shadow::{QueueHook, Verdict};
 use crate::shadow::FaultKind;
 
 create_exception!(svq, SvqError, PyException, "Base class of svq's own errors.");
@@ -27,13 +31,23 @@ create_exception!(svq, GuestProtocolError, QueueBrokenError, "The guest wrote an
 create_exception!(svq, DeviceProtocolError, QueueBrokenError, "The device wrote an invalid used entry.");
 create_exception!(svq, DeviceNeedsResetError, QueueBrokenError, "The device entered NEEDS_RESET.");
 create_exception!(svq, ElementTooLargeError, QueueBrokenError, "An element can never fit the shadow ring.");
+create_exception!(svq, InjectError, SvqError, "An injected element failed (the queue broke or stopped, or a map failed).");
+create_exception!(svq, RestoreError, SvqError, "A command restoring a saved state was refused or failed.");
 
 /// The one place where Rust errors become Python exceptions.
 fn to_py(e: SessionError) -> PyErr {
     match e {
         SessionError::Device(d) => device_err(d),
         SessionError::Driver(d) => driver_err(d),
-        SessionError::Iova(e) => GuestMemoryError::new_err(e.to_string()),
+        SessionError::Dma(crate::dma::DmaError::Device(d)) => device_err(d),
+        SessionError::Dma(e) => GuestMemoryError::new_err(e.to_string()),
+        SessionError::Bounce(crate::bounce::BounceError::Dma(crate::dma::DmaError::Device(d))) => device_err(d),
+        SessionError::Bounce(crate::bounce::BounceError::Mem(m)) => mem_err(m),
+        SessionError::Bounce(e) => GuestMemoryError::new_err(e.to_string()),
+        SessionError::Invalid(m) => PyValueError::new_err(m),
+        e @ SessionError::Timeout { .. } => PyTimeoutError::new_err(e.to_string()),
+        e @ SessionError::Injected { .. } => InjectError::new_err(e.to_string()),
+        e @ SessionError::Restore { .. } => RestoreError::new_err(e.to_string()),
         SessionError::Mem(e) => mem_err(e),
         SessionError::Negotiation(m) => NegotiationError::new_err(m),
         SessionError::Os { op, errno } => PyOSError::new_err((errno as i32, format!("{op}: {}", errno.desc()))),
@@ -74,18 +88,27 @@ fn driver_err(e: DriverError) -> PyErr {
     }
 }
 
+/// An open device, always behind a fault injector (disarmed unless a test arms it); the
+/// embedded device is also kept by its own type for what only it can report.
 #[derive(Debug, Clone)]
-enum Backend {
-    Sim(Arc<SimDevice>),
-    Vdpa(Arc<VhostVdpa>),
+struct Backend {
+    device: Arc<FaultInjector>,
+    sim: Option<Arc<SimDevice>>,
 }
 
 impl Backend {
+    fn sim(d: SimDevice) -> Self {
+        let d = Arc::new(d);
+        Backend { device: Arc::new(FaultInjector::new(d.clone())), sim: Some(d) }
+    }
+
+    fn vdpa(d: VhostVdpa) -> Self {
+        Backend { device: Arc::new(FaultInjector::new(Arc::new(d))), sim: None }
+    }
+
+    /// The device as sessions use it.
     fn dyn_device(&self) -> Arc<dyn DeviceTrait> {
-        match self {
-            Backend::Sim(d) => d.clone(),
-            Backend::Vdpa(d) => d.clone(),
-        }
+        self.device.clone()
     }
 }
 
@@ -150,10 +173,10 @@ impl Device {
                 _ => return Err(PyValueError::new_err(format!("unknown embedded device {spec:?}: use sim:net or sim:blk"))),
             }
             .map_err(device_err)?;
-            Backend::Sim(Arc::new(dev))
+            Backend::sim(dev)
         } else {
             let dev = py.detach(|| VhostVdpa::open(&spec)).map_err(device_err)?;
-            Backend::Vdpa(Arc::new(dev))
+            Backend::vdpa(dev)
         };
         Ok(Device { spec, backend: Mutex::new(Some(backend)) })
     }
@@ -167,7 +190,7 @@ impl Device {
     /// Whether this is the embedded device.
     #[getter]
     fn embedded(&self) -> PyResult<bool> {
-        Ok(matches!(self.backend()?, Backend::Sim(_)))
+        Ok(self.backend()?.sim.is_some())
     }
 
     /// Raw facts for `svq info`: numbers and config bytes (decoded in Python).
@@ -250,17 +273,26 @@ impl Device {
         py.detach(|| dev.iotlb(asid, &[crate::device::IotlbOp::Invalidate { iova, size }])).map_err(device_err)
     }
 
+    /// Makes the `n`-th IOTLB map from now fail with ENOMEM (0 disarms): fault injection
+    /// for any backend.
+    fn fail_map_at(&self, n: u64) -> PyResult<()> {
+        self.backend()?.device.fail_map_at(n);
+        Ok(())
+    }
+
+    /// IOTLB maps sent since the last `fail_map_at`.
+    fn maps_sent(&self) -> PyResult<u64> {
+        Ok(self.backend()?.device.maps())
+    }
+
     /// Accesses the embedded device refused (empty for kernel devices).
     fn faults(&self) -> PyResult<Vec<String>> {
-        Ok(match self.backend()? {
-            Backend::Sim(d) => d.faults(),
-            Backend::Vdpa(_) => Vec::new(),
-        })
+        Ok(self.backend()?.sim.map(|d| d.faults()).unwrap_or_default())
     }
 
     /// What the embedded device did (None for kernel devices).
     fn sim_stats<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let Backend::Sim(d) = self.backend()? else { return Ok(None) };
+        let Some(d) = self.backend()?.sim else { return Ok(None) };
         let s = d.stats();
         let out = PyDict::new(py);
         out.set_item("tx_packets", s.tx_packets)?;
@@ -276,6 +308,137 @@ impl Device {
     fn close(&self, py: Python<'_>) {
         let b = lock(&self.backend).take();
         py.detach(move || drop(b));
+    }
+}
+
+fn parse_mode(m: &str) -> PyResult<Mode> {
+    match m {
+        "translate" => Ok(Mode::Translate),
+        "copy" => Ok(Mode::Copy),
+        "passthrough" => Ok(Mode::Passthrough),
+        m => Err(PyValueError::new_err(format!("unknown mode {m:?}: use translate, copy or passthrough"))),
+    }
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Translate => "translate",
+        Mode::Copy => "copy",
+        Mode::Passthrough => "passthrough",
+    }
+}
+
+const RX_NAMES: [&str; 6] = ["promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast"];
+
+fn state_to_dict<'py>(py: Python<'py>, st: &NetState) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("mac", st.mac.map(|m| m.to_vec()))?;
+    d.set_item("unicast", st.unicast.iter().map(|m| m.to_vec()).collect::<Vec<_>>())?;
+    d.set_item("multicast", st.multicast.iter().map(|m| m.to_vec()).collect::<Vec<_>>())?;
+    d.set_item("mq_pairs", st.mq_pairs)?;
+    d.set_item("rss", st.rss.as_ref().map(|b| PyBytes::new(py, b)))?;
+    d.set_item("hash", st.hash.as_ref().map(|b| PyBytes::new(py, b)))?;
+    d.set_item("offloads", st.offloads)?;
+    let rx = PyDict::new(py);
+    for (name, on) in RX_NAMES.iter().zip(st.rx) {
+        rx.set_item(name, on)?;
+    }
+    d.set_item("rx", rx)?;
+    d.set_item("vlans", st.vlans.iter().copied().collect::<Vec<_>>())?;
+    Ok(d)
+}
+
+fn mac6(v: Vec<u8>) -> PyResult<[u8; 6]> {
+    <[u8; 6]>::try_from(v.as_slice()).map_err(|_| PyValueError::new_err(format!("a MAC address is 6 bytes, got {}", v.len())))
+}
+
+fn state_from_dict(d: &Bound<'_, PyDict>) -> PyResult<NetState> {
+    let mut st = NetState::default();
+    let get = |k: &str| d.get_item(k).ok().flatten().filter(|v| !v.is_none());
+    if let Some(v) = get("mac") {
+        st.mac = Some(mac6(v.extract()?)?);
+    }
+    if let Some(v) = get("unicast") {
+        st.unicast = v.extract::<Vec<Vec<u8>>>()?.into_iter().map(mac6).collect::<PyResult<_>>()?;
+    }
+    if let Some(v) = get("multicast") {
+        st.multicast = v.extract::<Vec<Vec<u8>>>()?.into_iter().map(mac6).collect::<PyResult<_>>()?;
+    }
+    if let Some(v) = get("mq_pairs") {
+        st.mq_pairs = v.extract()?;
+    }
+    if let Some(v) = get("rss") {
+        st.rss = Some(v.extract()?);
+    }
+    if let Some(v) = get("hash") {
+        st.hash = Some(v.extract()?);
+    }
+    if let Some(v) = get("offloads") {
+        st.offloads = Some(v.extract()?);
+    }
+    if let Some(v) = get("rx") {
+        let rx = v.cast::<PyDict>().map_err(|_| PyValueError::new_err("rx must be a dict of mode name to bool"))?;
+        for (k, on) in rx.iter() {
+            let k: String = k.extract()?;
+            let i = RX_NAMES.iter().position(|n| *n == k).ok_or_else(|| PyValueError::new_err(format!("unknown RX mode {k:?}")))?;
+            st.rx[RxMode::ALL[i] as usize] = on.extract()?;
+        }
+    }
+    if let Some(v) = get("vlans") {
+        for id in v.extract::<Vec<u16>>()? {
+            if id > crate::net::MAX_VLAN {
+                return Err(PyValueError::new_err(format!("VLAN id {id} > {}", crate::net::MAX_VLAN)));
+            }
+            st.vlans.insert(id);
+        }
+    }
+    for k in d.keys() {
+        let k: String = k.extract()?;
+        if !["mac", "unicast", "multicast", "mq_pairs", "rss", "hash", "offloads", "rx", "vlans"].contains(&k.as_str()) {
+            return Err(PyValueError::new_err(format!("unknown net state field {k:?}")));
+        }
+    }
+    Ok(st)
+}
+
+/// Python policy on a queue. Runs on the engine thread, which takes the interpreter for
+/// each call; an exception in the hook is reported as unraisable and the element is
+/// forwarded unchanged.
+struct PyHook {
+    avail: Option<Py<PyAny>>,
+    used: Option<Py<PyAny>>,
+}
+
+impl QueueHook for PyHook {
+    fn avail(&mut self, out: &[u8], in_len: u32) -> Verdict {
+        let Some(f) = &self.avail else { return Verdict::Forward };
+        Python::attach(|py| match f.call1(py, (PyBytes::new(py, out), in_len)) {
+            Ok(r) if r.is_none(py) => Verdict::Forward,
+            Ok(r) => match r.extract::<bool>(py) {
+                Ok(false) => Verdict::Refuse,
+                Ok(true) => Verdict::Forward,
+                Err(_) => match r.extract::<Vec<u8>>(py) {
+                    Ok(bytes) => Verdict::Answer(bytes),
+                    Err(e) => {
+                        e.write_unraisable(py, Some(f.bind(py)));
+                        Verdict::Forward
+                    }
+                },
+            },
+            Err(e) => {
+                e.write_unraisable(py, Some(f.bind(py)));
+                Verdict::Forward
+            }
+        })
+    }
+
+    fn used(&mut self, out: &[u8], written: &[u8]) {
+        let Some(f) = &self.used else { return };
+        Python::attach(|py| {
+            if let Err(e) = f.call1(py, (PyBytes::new(py, out), PyBytes::new(py, written))) {
+                e.write_unraisable(py, Some(f.bind(py)));
+            }
+        })
     }
 }
 
@@ -311,10 +474,13 @@ type CompletionTuple = (u16, u32, Py<PyBytes>);
 
 #[pymethods]
 impl Session {
-    /// Starts a session. `mode` is "translate" or "passthrough"; `memory` a list of
-    /// (guest address, size) regions.
+    /// Starts a session. `mode` ("translate", "copy" or "passthrough") applies to every
+    /// queue not in `queue_modes`; `memory` lists (guest address, size) regions;
+    /// `copy_strategy` is "pool" or "per-element"; `restore` a state dict as returned by
+    /// `net_state()`.
     #[new]
-    #[pyo3(signature = (device, *, mode, queue_size, memory, event_idx, indirect))]
+    #[pyo3(signature = (device, *, mode, queue_size, memory, event_idx, indirect, queue_modes, copy_strategy, isolate_cvq, track_net_state, restore, restore_timeout))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
         device: &Device,
@@ -323,19 +489,98 @@ impl Session {
         memory: Vec<(u64, u64)>,
         event_idx: bool,
         indirect: bool,
+        queue_modes: Vec<(u32, String)>,
+        copy_strategy: &str,
+        isolate_cvq: bool,
+        track_net_state: bool,
+        restore: Option<Bound<'_, PyDict>>,
+        restore_timeout: f64,
     ) -> PyResult<Self> {
-        let mode = match mode {
-            "translate" => Mode::Translate,
-            "passthrough" => Mode::Passthrough,
-            m => return Err(PyValueError::new_err(format!("unknown mode {m:?}"))),
-        };
         if queue_size == 0 || !queue_size.is_power_of_two() {
             return Err(PyValueError::new_err(format!("queue_size must be a power of two, got {queue_size}")));
         }
-        let cfg = SessionConfig { mode, queue_size, memory, event_idx, indirect };
+        let copy_strategy = match copy_strategy {
+            "pool" => Strategy::Pool,
+            "per-element" => Strategy::PerElement,
+            s => return Err(PyValueError::new_err(format!("unknown copy strategy {s:?}: use pool or per-element"))),
+        };
+        let cfg = SessionConfig {
+            mode: parse_mode(mode)?,
+            queue_modes: queue_modes.iter().map(|(q, m)| Ok((*q, parse_mode(m)?))).collect::<PyResult<_>>()?,
+            copy_strategy,
+            queue_size,
+            memory,
+            event_idx,
+            indirect,
+            isolate_cvq,
+            track_net_state,
+            restore: restore.map(|d| state_from_dict(&d)).transpose()?,
+            restore_timeout: timeout(restore_timeout)?,
+        };
         let dev = device.backend()?.dyn_device();
         let s = py.detach(|| RustSession::start(dev, &cfg)).map_err(to_py)?;
         Ok(Session { inner: Mutex::new(Some(s)) })
+    }
+
+    /// Each queue's mode.
+    fn modes(&self, py: Python<'_>) -> PyResult<Vec<&'static str>> {
+        self.with(py, |s| Ok(s.modes().iter().map(|m| mode_name(*m)).collect()))
+    }
+
+    /// Where the control queue is: dict(queue, mode, isolated, asid, fallback, commands,
+    /// acked, answered_locally), or None without one.
+    fn cvq_info<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some((info, counts)) = self.with(py, |s| Ok(s.cvq().cloned().map(|c| (c, s.cvq_counts()))))? else { return Ok(None) };
+        let d = PyDict::new(py);
+        d.set_item("queue", info.queue)?;
+        d.set_item("mode", mode_name(info.mode))?;
+        d.set_item("isolated", info.isolated)?;
+        d.set_item("asid", info.asid)?;
+        d.set_item("fallback", info.fallback)?;
+        let (commands, acked, local) = counts.unwrap_or_default();
+        d.set_item("commands", commands)?;
+        d.set_item("acked", acked)?;
+        d.set_item("answered_locally", local)?;
+        Ok(Some(d))
+    }
+
+    /// The tracked virtio-net control-plane state as a dict, or None when the control
+    /// queue is not shadowed.
+    fn net_state<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let state = self.with(py, |s| Ok(s.net_state()))?;
+        state.map(|st| state_to_dict(py, &st)).transpose()
+    }
+
+    /// Injects elements (readable bytes, writable size) on shadowed queue `q`, all in
+    /// flight at once, and waits up to `timeout_s` for each: a list of (length, bytes).
+    /// The first failure raises after every element was waited for.
+    #[pyo3(signature = (q, elements, timeout_s = 10.0))]
+    fn inject<'py>(&self, py: Python<'py>, q: u32, elements: Vec<(Vec<u8>, u32)>, timeout_s: f64) -> PyResult<Vec<(u32, Bound<'py, PyBytes>)>> {
+        let t = timeout(timeout_s)?;
+        let slots = self.with(py, |s| s.inject_many(q, elements))?;
+        let results: Vec<Result<(u32, Vec<u8>), SessionError>> =
+            py.detach(|| slots.iter().map(|slot| RustSession::wait_injected(q, slot, t)).collect());
+        let mut out = Vec::with_capacity(results.len());
+        for r in results {
+            let (len, data) = r.map_err(to_py)?;
+            out.push((len, PyBytes::new(py, &data)));
+        }
+        Ok(out)
+    }
+
+    /// Attaches Python policy to shadowed queue `q` (meant for low-rate queues such as the
+    /// control queue): `avail(out: bytes, in_size: int)` returns None to forward, bytes to
+    /// answer the element with, or False to refuse it; `used(out: bytes, written: bytes)`
+    /// sees each completion.
+    #[pyo3(signature = (q, avail = None, used = None))]
+    fn add_hook(&self, py: Python<'_>, q: u32, avail: Option<Py<PyAny>>, used: Option<Py<PyAny>>) -> PyResult<()> {
+        let hook = Box::new(PyHook { avail, used });
+        self.with(py, move |s| s.add_hook(q, hook))
+    }
+
+    /// (maps, unmaps) sent to the device so far.
+    fn map_counts(&self, py: Python<'_>) -> PyResult<(u64, u64)> {
+        self.with(py, |s| Ok(s.map_counts()))
     }
 
     /// Number of queues.
@@ -531,12 +776,13 @@ impl Session {
     }
 }
 
-/// Live OS resources svq holds: {"eventfds": n, "threads": n}.
+/// Live resources svq holds: {"eventfds": n, "threads": n, "bounce_buffers": n}.
 #[pyfunction]
 fn live_resources<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("eventfds", live::eventfds())?;
     d.set_item("threads", live::threads())?;
+    d.set_item("bounce_buffers", crate::bounce::live_buffers())?;
     Ok(d)
 }
 
@@ -546,6 +792,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Device>()?;
     m.add_class::<Session>()?;
     m.add_function(wrap_pyfunction!(live_resources, m)?)?;
+    crate::bench::register(m)?;
     m.add("SvqError", py.get_type::<SvqError>())?;
     m.add("NegotiationError", py.get_type::<NegotiationError>())?;
     m.add("SessionClosedError", py.get_type::<SessionClosedError>())?;
@@ -555,5 +802,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DeviceProtocolError", py.get_type::<DeviceProtocolError>())?;
     m.add("DeviceNeedsResetError", py.get_type::<DeviceNeedsResetError>())?;
     m.add("ElementTooLargeError", py.get_type::<ElementTooLargeError>())?;
+    m.add("InjectError", py.get_type::<InjectError>())?;
+    m.add("RestoreError", py.get_type::<RestoreError>())?;
     Ok(())
 }

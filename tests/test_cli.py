@@ -15,9 +15,9 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "svq", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("mode", ["translate", "passthrough"])
-def test_demo_json(mode: str) -> None:
-    r = run("demo", "--json", "--mode", mode, "--packets", "300", "--frame-size", "1000")
+@pytest.mark.parametrize("mode, strategy", [("translate", "pool"), ("passthrough", "per-element")])
+def test_demo_json(mode: str, strategy: str) -> None:
+    r = run("demo", "--json", "--mode", mode, "--packets", "300", "--frame-size", "1000", "--cvq-strategy", strategy)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["device"] == "sim:net" and out["mode"] == mode
@@ -28,6 +28,11 @@ def test_demo_json(mode: str) -> None:
     assert out["elapsed_s"] > 0
     if mode == "translate":
         assert out["tx_stats"]["elements"] == 300
+    cvq = out["cvq"]
+    assert cvq["mode"] == "copy" and cvq["strategy"] == strategy
+    assert cvq["isolated"] is True, "the embedded device puts the control queue in its own group"
+    assert cvq["commands"] == cvq["acked"] == 1
+    assert cvq["leaked"] == 0
 
 
 def test_demo_text(capsys: pytest.CaptureFixture[str]) -> None:

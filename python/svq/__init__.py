@@ -21,16 +21,19 @@ from ._native import (
     ElementTooLargeError,
     GuestMemoryError,
     GuestProtocolError,
+    InjectError,
     NegotiationError,
     QueueBrokenError,
+    RestoreError,
     SessionClosedError,
     SvqError,
     live_resources,
 )
 from .device import Device, open_device
-from .session import Driver, Mode, Session
+from .session import CopyStrategy, Driver, Mode, Session
 
 __all__ = [
+    "CopyStrategy",
     "Device",
     "DeviceNeedsResetError",
     "DeviceProtocolError",
@@ -38,9 +41,11 @@ __all__ = [
     "ElementTooLargeError",
     "GuestMemoryError",
     "GuestProtocolError",
+    "InjectError",
     "Mode",
     "NegotiationError",
     "QueueBrokenError",
+    "RestoreError",
     "Session",
     "SessionClosedError",
     "SvqError",

@@ -1,4 +1,5 @@
-"""The ``svq`` command line: ``svq demo`` (the main job) and ``svq info DEVICE``."""
+"""The ``svq`` command line: ``svq demo`` (the main job), ``svq info DEVICE`` and
+``svq bench``."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import sys
 import time
 from typing import Any
 
-from . import blk, net
+from . import bench, blk, net
+from ._native import live_resources
 from .device import Device
-from .features import format_mac
-from .session import Mode, Session
+from .session import CopyStrategy, Mode, Session
 
 DEMO_MAC_AFTER = "02:5a:51:00:00:01"
 
@@ -50,12 +51,18 @@ def _set_mac(s: Session, mac: str) -> int:
 def demo(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     mode = Mode(args.mode)
-    with Session(args.device, mode=mode, queue_size=args.queue_size) as s:
-        mac_before = s.device.info()["config"]["mac"]
-        received, mismatches = _loopback(s, args.packets, args.frame_size)
-        ack = _set_mac(s, DEMO_MAC_AFTER)
-        mac_after = s.device.info()["config"]["mac"]
-        tx = s.stats(net.TX)
+    before = live_resources()["bounce_buffers"]
+    with Device(args.device) as dev:
+        with Session(
+            dev, mode=mode, queue_modes={net.CTRL: Mode.COPY}, copy_strategy=args.cvq_strategy, queue_size=args.queue_size
+        ) as s:
+            mac_before = s.device.info()["config"]["mac"]
+            received, mismatches = _loopback(s, args.packets, args.frame_size)
+            ack = _set_mac(s, DEMO_MAC_AFTER)
+            mac_after = s.device.info()["config"]["mac"]
+            tx = s.stats(net.TX)
+            cvq = s.cvq_info() or {}
+        leaked = (dev.live_mappings() or 0) + live_resources()["bounce_buffers"] - before
     with Session(args.blk_device, mode=mode) as b:
         client = blk.Blk(b.driver)
         pattern = os.urandom(8 * blk.SECTOR)
@@ -75,6 +82,14 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
         "mac_ack": "OK" if ack == net.ACK_OK else "ERR",
         "blk_verified": blk_verified,
         "tx_stats": tx,
+        "cvq": {
+            "mode": cvq.get("mode"),
+            "strategy": args.cvq_strategy,
+            "commands": cvq.get("commands"),
+            "acked": cvq.get("acked"),
+            "isolated": cvq.get("isolated"),
+            "leaked": leaked,
+        },
         "elapsed_s": round(time.perf_counter() - t0, 4),
     }
 
@@ -85,7 +100,11 @@ def _print_demo(r: dict[str, Any]) -> None:
     bad = "" if ok else f", {r['payload_mismatches']} mismatched"
     print(f"  loopback : {r['packets_received']}/{r['packets_sent']} frames of {r['frame_size']} B back intact{bad}")
     print(f"  shadow tx: {r['tx_stats']['elements']} elements, {r['tx_stats']['device_kicks']} kicks")
+    c = r["cvq"]
+    where = "own address space" if c["isolated"] else "shared address space"
     print(f"  MAC      : {r['mac_before']} -> {r['mac_after']} (control queue ack {r['mac_ack']})")
+    print(f"  cvq      : {c['mode']} mode, {c['strategy']} buffers, {where}, "
+          f"{c['acked']}/{c['commands']} commands acked, {c['leaked']} leaked after close")
     print(f"  blk      : write/flush/read-back/get-id {'verified' if r['blk_verified'] else 'FAILED'}")
     print(f"  elapsed  : {r['elapsed_s']:.3f} s")
 
@@ -96,6 +115,7 @@ def _demo_ok(r: dict[str, Any]) -> bool:
         and r["payload_mismatches"] == 0
         and r["mac_after"] == DEMO_MAC_AFTER
         and r["blk_verified"]
+        and r["cvq"]["leaked"] == 0
     )
 
 
@@ -129,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--packets", type=int, default=1000, help="frames to loop back (default 1000)")
     d.add_argument("--frame-size", type=int, default=256, help="bytes per TX buffer incl. headers (default 256)")
     d.add_argument("--queue-size", type=int, default=256)
+    d.add_argument("--cvq-strategy", choices=[c.value for c in CopyStrategy], default=CopyStrategy.POOL.value,
+                   help="bounce buffers of the copy-mode control queue (default pool)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
+
+    b = sub.add_parser("bench", help="svq against peers, measured in the same run")
+    bench.add_arguments(b)
 
     i = sub.add_parser("info", help="describe a device")
     i.add_argument("device", help="sim:net, sim:blk, /dev/vhost-vdpa-N or a vdpa device name")
@@ -148,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             r = demo(args)
             print(json.dumps(r)) if args.json else _print_demo(r)
             return 0 if _demo_ok(r) else 1
+        if args.command == "bench":
+            return bench.run(args)
         r = info(args)
         print(json.dumps(r)) if args.json else _print_info(r)
         return 0

@@ -72,6 +72,15 @@ class Device:
         """Unmaps a range behind any session's back (for fault tests)."""
         self._native.unmap(asid, iova, size)
 
+    def fail_map_at(self, n: int) -> None:
+        """Fault injection: the ``n``-th IOTLB map from now fails with ENOMEM (0
+        disarms). Works on every backend."""
+        self._native.fail_map_at(n)
+
+    def maps_sent(self) -> int:
+        """IOTLB maps sent since the last :meth:`fail_map_at`."""
+        return self._native.maps_sent()
+
     def faults(self) -> list[str]:
         """Accesses the embedded device refused since its last reset."""
         return self._native.faults()

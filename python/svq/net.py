@@ -47,3 +47,47 @@ def mac_addr_set(mac: bytes) -> bytes:
     if len(mac) != 6:
         raise ValueError("MAC addresses are 6 bytes")
     return bytes([CTRL_MAC, CTRL_MAC_ADDR_SET]) + mac
+
+
+# Control commands (virtio spec 5.1.6.5): class, command, data. svq decodes and validates
+# them in Rust; these build them for drivers, tests and tools.
+CLASS_RX, CLASS_MAC, CLASS_VLAN, CLASS_ANNOUNCE, CLASS_MQ, CLASS_GUEST_OFFLOADS = 0, 1, 2, 3, 4, 5
+RX_MODES = ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast")
+
+
+def rx_mode(mode: str, on: bool) -> bytes:
+    """VIRTIO_NET_CTRL_RX_<MODE> with the switch on or off."""
+    return bytes([CLASS_RX, RX_MODES.index(mode), int(on)])
+
+
+def mac_table_set(unicast: list[bytes], multicast: list[bytes]) -> bytes:
+    """VIRTIO_NET_CTRL_MAC_TABLE_SET: the unicast then the multicast filter table."""
+    out = bytes([CLASS_MAC, 0])
+    for table in (unicast, multicast):
+        out += struct.pack("<I", len(table)) + b"".join(table)
+    return out
+
+
+def vlan_add(vid: int) -> bytes:
+    return bytes([CLASS_VLAN, 0]) + struct.pack("<H", vid)
+
+
+def vlan_del(vid: int) -> bytes:
+    return bytes([CLASS_VLAN, 1]) + struct.pack("<H", vid)
+
+
+def announce_ack() -> bytes:
+    return bytes([CLASS_ANNOUNCE, 0])
+
+
+def mq_pairs_set(pairs: int) -> bytes:
+    return bytes([CLASS_MQ, 0]) + struct.pack("<H", pairs)
+
+
+def guest_offloads_set(offloads: int) -> bytes:
+    return bytes([CLASS_GUEST_OFFLOADS, 0]) + struct.pack("<Q", offloads)
+
+
+def vlan_frame(dst: bytes, vid: int, payload: bytes, src: bytes = b"\x02\x00\x00\x00\x00\x01") -> bytes:
+    """A TX buffer whose Ethernet frame carries an 802.1Q tag."""
+    return bytes(NET_HDR_LEN) + dst + src + struct.pack("!HH", 0x8100, vid) + struct.pack("!H", ETH_P_EXPERIMENTAL) + payload

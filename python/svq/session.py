@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from . import _native
@@ -23,8 +23,20 @@ class Mode(str, enum.Enum):
 
     #: svq forwards the guest's chains on a shadow ring, addresses translated to IOVAs.
     TRANSLATE = "translate"
+    #: svq forwards copies of the guest's chains in bounce buffers: the device never sees
+    #: guest memory and a command cannot change after svq read it.
+    COPY = "copy"
     #: The device reads the guest ring directly: the baseline for overhead figures.
     PASSTHROUGH = "passthrough"
+
+
+class CopyStrategy(str, enum.Enum):
+    """Where copy mode's bounce buffers come from."""
+
+    #: Buffers mapped once and reused (zero-filled on return); grows when exhausted.
+    POOL = "pool"
+    #: Allocate, map, unmap and free per element.
+    PER_ELEMENT = "per-element"
 
 
 Completion = tuple[int, int, bytes]
@@ -90,24 +102,37 @@ class Driver:
 
 
 class Session:
-    """A device set up with every queue in one :class:`Mode`; a context manager.
+    """A device set up with each queue in a :class:`Mode`; a context manager.
 
     ``device`` is a :class:`Device` or a spec string (then the session owns the device and
-    closes it too). ``memory`` lists guest memory regions as (guest address, size)."""
+    closes it too). ``mode`` applies to every queue not in ``queue_modes`` (queue index →
+    mode). ``memory`` lists guest memory regions as (guest address, size).
+
+    virtio-net control queue: when it is shadowed its state is tracked from the commands
+    the device acknowledged (:meth:`net_state`); in copy mode it gets an address space of
+    its own when the device allows it (``isolate_cvq``); ``restore`` (a state from
+    :meth:`net_state`) is replayed before the data queues start."""
 
     def __init__(
         self,
         device: Device | str,
         *,
         mode: Mode | str = Mode.TRANSLATE,
+        queue_modes: Mapping[int, Mode | str] | None = None,
+        copy_strategy: CopyStrategy | str = CopyStrategy.POOL,
         queue_size: int = 256,
         memory: Sequence[tuple[int, int]] = DEFAULT_MEMORY,
         event_idx: bool = True,
         indirect: bool = False,
+        isolate_cvq: bool = True,
+        track_net_state: bool = True,
+        restore: Mapping[str, Any] | None = None,
+        restore_timeout: float = 10.0,
     ) -> None:
         self._owns_device = isinstance(device, str)
         self.device = Device(device) if isinstance(device, str) else device
         self.mode = Mode(mode)
+        self.copy_strategy = CopyStrategy(copy_strategy)
         try:
             self._s = _native.Session(
                 self.device._native,
@@ -116,13 +141,19 @@ class Session:
                 memory=list(memory),
                 event_idx=event_idx,
                 indirect=indirect,
+                queue_modes=[(q, Mode(m).value) for q, m in (queue_modes or {}).items()],
+                copy_strategy=self.copy_strategy.value,
+                isolate_cvq=isolate_cvq,
+                track_net_state=track_net_state,
+                restore=dict(restore) if restore is not None else None,
+                restore_timeout=restore_timeout,
             )
         except BaseException:
             if self._owns_device:
                 self.device.close()
             raise
         self.driver = Driver(self._s)
-        log.info("session on %s: %s, %d queues", self.device.spec, self.mode.value, self._s.num_queues)
+        log.info("session on %s: queue modes %s", self.device.spec, self._s.modes())
 
     @property
     def num_queues(self) -> int:
@@ -137,9 +168,55 @@ class Session:
     def backend_features(self) -> int:
         return self._s.backend_features
 
+    @property
+    def modes(self) -> list[Mode]:
+        """Each queue's mode (after any fallback)."""
+        return [Mode(m) for m in self._s.modes()]
+
+    def cvq_info(self) -> dict[str, Any] | None:
+        """The control queue: ``queue``, ``mode``, ``isolated`` (in its own address
+        space), ``asid``, ``fallback`` (why data queues were shadowed), ``commands``,
+        ``acked``, ``answered_locally``. None without a control queue."""
+        return self._s.cvq_info()
+
+    def net_state(self) -> dict[str, Any] | None:
+        """The virtio-net control-plane state tracked from acknowledged commands (None
+        when the control queue is not shadowed); pass it as ``restore`` to another
+        session."""
+        return self._s.net_state()
+
+    def inject(self, queue: int, out: bytes, in_size: int, timeout: float = 10.0) -> tuple[int, bytes]:
+        """Sends an element of svq's own on a shadowed queue and waits for it: returns
+        (used length, written bytes). Raises ``TimeoutError`` or :class:`svq.InjectError`."""
+        [(length, data)] = self._s.inject(queue, [(out, in_size)], timeout)
+        return length, data
+
+    def inject_many(
+        self, queue: int, elements: Sequence[tuple[bytes, int]], timeout: float = 10.0
+    ) -> list[tuple[int, bytes]]:
+        """Like :meth:`inject` for several elements, all in flight at once."""
+        return self._s.inject(queue, list(elements), timeout)
+
+    def add_hook(
+        self,
+        queue: int,
+        avail: Callable[[bytes, int], bytes | bool | None] | None = None,
+        used: Callable[[bytes, bytes], None] | None = None,
+    ) -> None:
+        """Attaches policy to a shadowed low-rate queue (such as the control queue):
+        ``avail(out, in_size)`` returns None to forward the guest's element, bytes to
+        answer it without the device, or False to refuse it (used length 0);
+        ``used(out, written)`` sees each completion. Hooks run on svq's engine thread."""
+        self._s.add_hook(queue, avail, used)
+
+    def map_counts(self) -> tuple[int, int]:
+        """(maps, unmaps) sent to the device so far."""
+        return self._s.map_counts()
+
     def stats(self, queue: int) -> dict[str, int]:
         """Counters of a queue: elements, completed, bytes, kicks, calls, suppressed
-        notifications, held elements, errors. Zero in passthrough."""
+        notifications, held elements, injected/answered/refused elements, map failures,
+        elements returned on stop, errors. Zero for a passthrough queue."""
         return self._s.stats(queue)
 
     def queue_fault(self, queue: int) -> tuple[str, str] | None:
@@ -187,5 +264,3 @@ class Session:
         state = "closed" if self.closed else "open"
         return f"Session({self.device.spec!r}, mode={self.mode.value}, {state})"
 
-    def info(self) -> dict[str, Any]:
-        return {"device": self.device.spec, "mode": self.mode.value, "queues": self.num_queues}

@@ -8,6 +8,7 @@ use std::os::fd::BorrowedFd;
 
 use nix::errno::Errno;
 
+pub mod faulty;
 pub mod iotlb;
 pub mod sim;
 pub mod vdpa;

@@ -115,7 +115,8 @@ fn reader_refuses_what_a_hostile_driver_writes() {
     let n = VRING_DESC_F_NEXT;
     let wr = VRING_DESC_F_WRITE;
     let d = Descriptor::new;
-    let cases: Vec<(Vec<(u16, Descriptor)>, Vec<u16>, fn(&ChainError) -> bool)> = vec![
+    type Case = (Vec<(u16, Descriptor)>, Vec<u16>, fn(&ChainError) -> bool);
+    let cases: Vec<Case> = vec![
         (vec![(0, d(0x1000, 8, n, 1)), (1, d(0x1000, 8, n, 0))], vec![0], |e| matches!(e, ChainError::ChainTooLong { .. })),
         (vec![(0, d(0x1000, 8, n, 9))], vec![0], |e| matches!(e, ChainError::NextOutOfRange { next: 9, .. })),
         (vec![], vec![12], |e| matches!(e, ChainError::HeadOutOfRange { head: 12, .. })),

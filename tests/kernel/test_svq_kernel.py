@@ -9,6 +9,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -172,9 +173,7 @@ def test_close_leaves_no_mapping(kernel_net: str) -> None:
 def test_shadow_vs_passthrough_frame_rate(kernel_net: str) -> None:
     """Frames per second through the shadow virtqueue (translate) and in passthrough, in
     the same guest run; the ratio goes to BENCHMARKS.md (TCG makes absolute rates
-    meaningless). Written to .kernel-tier/results/ when that folder is writable."""
-    import time
-
+    meaningless). Written to $SVQ_KERNEL_RESULTS when set."""
     rates = {}
     frames = [net.frame(net.BROADCAST, bytes(64 - 26))] * 64
     for mode in (svq.Mode.PASSTHROUGH, svq.Mode.TRANSLATE, svq.Mode.PASSTHROUGH, svq.Mode.TRANSLATE):
@@ -195,3 +194,69 @@ def test_shadow_vs_passthrough_frame_rate(kernel_net: str) -> None:
             json.dump(report, f)
     # Not a performance target (TCG): a sanity bound that catches a shadow path gone wrong.
     assert ratio > 0.05
+
+
+def test_control_queue_in_copy_mode_in_its_own_address_space(kernel_net: str) -> None:
+    """The kernel simulator puts the control queue alone in group 1 with 2 address
+    spaces: the copy-mode control queue runs in ASID 1, where no guest memory is mapped,
+    while the data queues stay in passthrough."""
+    new = net.parse_mac("02:bb:cc:dd:ee:01")
+    with svq.Device(kernel_net) as dev:
+        with svq.Session(dev, mode=svq.Mode.PASSTHROUGH, queue_modes={net.CTRL: svq.Mode.COPY}) as s:
+            try:
+                info = s.cvq_info()
+                assert (info["isolated"], info["asid"], info["fallback"]) == (True, 1, None)
+                assert all(m["guest_addr"] is None for m in s.mappings() if m["asid"] == 1)
+                assert s.driver.request(net.CTRL, [net.mac_addr_set(new)], 1) == (1, bytes([net.ACK_OK]))
+                assert s.device.info()["config"]["mac"] == net.format_mac(new)
+                assert s.net_state()["mac"] == new
+                to_new = net.frame(new, b"after the change")
+                s.driver.post_receive(net.RX, 1, 2048)
+                s.driver.send(net.TX, [to_new])
+                assert s.driver.wait(net.RX, 1)[0][2] == to_new
+                # A command the simulator does not support is refused and changes nothing.
+                assert s.driver.request(net.CTRL, [net.vlan_add(5)], 1) == (1, bytes([net.ACK_ERR]))
+                assert s.net_state()["vlans"] == []
+            finally:
+                s.inject(net.CTRL, net.mac_addr_set(net.parse_mac(KERNEL_MAC)), 1)
+        assert dev.live_mappings() == 0
+
+
+def test_restore_the_mac_on_a_fresh_session(kernel_net: str) -> None:
+    saved = {"mac": net.parse_mac("02:bb:cc:dd:ee:02")}
+    with svq.Session(kernel_net, mode=svq.Mode.PASSTHROUGH, queue_modes={net.CTRL: svq.Mode.COPY}, restore=saved) as s:
+        try:
+            assert s.device.info()["config"]["mac"] == "02:bb:cc:dd:ee:02"
+            assert s.cvq_info()["acked"] == 1
+        finally:
+            s.inject(net.CTRL, net.mac_addr_set(net.parse_mac(KERNEL_MAC)), 1)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_copy_mode_map_failure_unwinds_on_the_kernel(kernel_net: str, n: int) -> None:
+    with svq.Device(kernel_net) as dev:
+        with svq.Session(dev, mode=svq.Mode.PASSTHROUGH, queue_modes={net.CTRL: svq.Mode.COPY}, copy_strategy="per-element") as s:
+            base = dev.live_mappings()
+            dev.fail_map_at(n)
+            length, _ = s.driver.request(net.CTRL, [net.mac_addr_set(net.parse_mac(KERNEL_MAC))], 1)
+            assert length == 0 and s.stats(net.CTRL)["map_failures"] == 1
+            assert dev.live_mappings() == base
+            assert svq.live_resources()["bounce_buffers"] == 0
+        assert dev.live_mappings() == 0
+
+
+def test_stop_with_elements_in_flight_on_the_kernel(kernel_net: str) -> None:
+    with svq.Device(kernel_net) as dev:
+        s = svq.Session(dev, mode=svq.Mode.COPY, copy_strategy="per-element")
+        s.suspend()
+        s.driver.post_receive(net.RX, 8, 2048)
+        deadline = time.monotonic() + 5
+        while s.stats(net.RX)["elements"] < 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert svq.live_resources()["bounce_buffers"] == 8
+        s.close()
+        assert svq.live_resources()["bounce_buffers"] == 0
+        assert dev.live_mappings() == 0
+        # The kernel agrees nothing is left: a new session maps again.
+        with svq.Session(dev, mode=svq.Mode.COPY) as again:
+            assert again.driver.request(net.CTRL, [net.mac_addr_set(net.parse_mac(KERNEL_MAC))], 1)[1] == bytes([net.ACK_OK])

@@ -107,6 +107,8 @@ pub(crate) struct SimState {
     faults: Vec<String>,
     stats: SimStats,
     disk: Vec<u8>,
+    /// virtio-net control-plane state, as the control queue set it.
+    net: crate::net::NetState,
     scratch: Vec<u8>,
     chain: Chain,
 }
@@ -155,6 +157,7 @@ impl SimDevice {
             faults: Vec::new(),
             stats: SimStats::default(),
             disk,
+            net: crate::net::NetState::default(),
             scratch: Vec::with_capacity(65536),
             chain: Chain::default(),
         };
@@ -263,6 +266,8 @@ impl SimState {
             self.spaces.iter_mut().for_each(|s| *s = AddressSpace::default());
         }
         self.faults.clear();
+        // The MAC lives in config space and survives reset (as in vdpa_sim_net).
+        self.net = crate::net::NetState::default();
     }
 
     fn queue_asid(&self, q: usize) -> u32 {

@@ -1,9 +1,13 @@
-//! virtio-net behaviour of the embedded device, matching the kernel's `vdpa_sim_net`:
-//! TX frames loop back to RX through the same filter (broadcast, multicast and the
-//! configured MAC pass; other frames complete with length 0 and are dropped), and the
-//! control queue handles MAC_ADDR_SET.
+//! virtio-net behaviour of the embedded device. Like the kernel's `vdpa_sim_net`, TX
+//! frames loop back to RX through a filter that, from reset, passes broadcast, multicast
+//! and the configured MAC (other frames complete with length 0 and are dropped), and
+//! MAC_ADDR_SET changes the config-space MAC. Beyond the kernel simulator, the control
+//! queue implements every command class of the virtio spec that the device offers (RX
+//! modes, MAC table, VLAN filter, announce, MQ pairs up to its one pair, guest offloads)
+//! and the filter honours them; RSS and hash configuration are refused with ERR.
 
 use super::{SimKind, SimState};
+use crate::net::{Command, NetState, RxMode, ACK_ERR, ACK_OK};
 
 /// virtio-net feature bits (virtio spec 5.1.3).
 pub mod feature {
@@ -17,6 +21,18 @@ pub mod feature {
     pub const CTRL_VQ: u32 = 17;
     /// MAC_ADDR_SET through the control queue.
     pub const CTRL_MAC_ADDR: u32 = 23;
+    /// Guest offloads through the control queue.
+    pub const CTRL_GUEST_OFFLOADS: u32 = 2;
+    /// RX modes PROMISC/ALLMULTI and the MAC table.
+    pub const CTRL_RX: u32 = 18;
+    /// VLAN filter.
+    pub const CTRL_VLAN: u32 = 19;
+    /// RX modes ALLUNI/NOMULTI/NOUNI/NOBCAST.
+    pub const CTRL_RX_EXTRA: u32 = 20;
+    /// Gratuitous announcement.
+    pub const GUEST_ANNOUNCE: u32 = 21;
+    /// Multiqueue (the device has one pair).
+    pub const MQ: u32 = 22;
     /// Any framing of headers and data.
     pub const ANY_LAYOUT: u32 = 27;
 }
@@ -26,7 +42,16 @@ pub(super) const FEATURES: u64 = (1 << feature::MTU)
     | (1 << feature::STATUS)
     | (1 << feature::CTRL_VQ)
     | (1 << feature::CTRL_MAC_ADDR)
-    | (1 << feature::ANY_LAYOUT);
+    | (1 << feature::ANY_LAYOUT)
+    | (1 << feature::CTRL_GUEST_OFFLOADS)
+    | (1 << feature::CTRL_RX)
+    | (1 << feature::CTRL_VLAN)
+    | (1 << feature::CTRL_RX_EXTRA)
+    | (1 << feature::GUEST_ANNOUNCE)
+    | (1 << feature::MQ);
+
+/// Queue pairs the device has.
+const MAX_PAIRS: u16 = 1;
 
 pub(super) const RX_QUEUE: usize = 0;
 pub(super) const TX_QUEUE: usize = 1;
@@ -37,10 +62,6 @@ pub const NET_HDR_LEN: usize = 12;
 /// Bytes the device reads of one TX frame (the kernel simulator's page-sized buffer).
 const TX_BUFFER: usize = 4096;
 
-const CTRL_MAC: u8 = 1;
-const CTRL_MAC_ADDR_SET: u8 = 1;
-const ACK_OK: u8 = 0;
-const ACK_ERR: u8 = 1;
 
 /// Config space: mac[6], status u16, max_virtqueue_pairs u16, mtu u16, speed u32,
 /// duplex u8, rss fields... (24 bytes, as the kernel simulator reports).
@@ -53,13 +74,35 @@ pub(super) fn config(mac: &[u8; 6], mtu: u16) -> Vec<u8> {
     c
 }
 
-fn passes_filter(frame: &[u8], mac: &[u8; 6]) -> bool {
+/// Whether a looped-back frame reaches RX. Without CTRL_RX the filter is fixed (the
+/// kernel simulator's); with it, the RX modes and MAC tables decide; with CTRL_VLAN a
+/// tagged frame needs its VLAN id in the filter.
+fn passes_filter(frame: &[u8], mac: &[u8; 6], st: &NetState, rx_ctrl: bool, vlan_ctrl: bool) -> bool {
     if frame.len() < NET_HDR_LEN + 6 {
         return false;
     }
-    let dst = &frame[NET_HDR_LEN..NET_HDR_LEN + 6];
-    // Broadcast is a multicast address too: the group bit is the low bit of byte 0.
-    dst[0] & 1 == 1 || dst == mac
+    let dst: [u8; 6] = frame[NET_HDR_LEN..NET_HDR_LEN + 6].try_into().unwrap_or_default();
+    let on = |m: RxMode| st.rx[m as usize];
+    let broadcast = dst == [0xff; 6];
+    // The group bit is the low bit of byte 0 (broadcast is a multicast address too).
+    let multicast = dst[0] & 1 == 1;
+    let addressed = if !rx_ctrl {
+        multicast || dst == *mac
+    } else if on(RxMode::Promisc) {
+        true
+    } else if broadcast {
+        !on(RxMode::NoBcast)
+    } else if multicast {
+        !on(RxMode::NoMulti) && (on(RxMode::AllMulti) || st.multicast.contains(&dst))
+    } else {
+        !on(RxMode::NoUni) && (on(RxMode::AllUni) || dst == *mac || st.unicast.contains(&dst))
+    };
+    let tagged = frame.len() >= NET_HDR_LEN + 16 && frame[NET_HDR_LEN + 12..NET_HDR_LEN + 14] == [0x81, 0x00];
+    if addressed && vlan_ctrl && tagged {
+        let vid = u16::from_be_bytes([frame[NET_HDR_LEN + 14], frame[NET_HDR_LEN + 15]]) & 0x0fff;
+        return st.vlans.contains(&vid);
+    }
+    addressed
 }
 
 pub(super) fn process(st: &mut SimState) {
@@ -87,7 +130,8 @@ fn loopback(st: &mut SimState) {
         let frame = std::mem::take(&mut st.scratch);
         let mut delivered = false;
         let mut overrun = false;
-        if passes_filter(&frame, &mac) {
+        let (rx_ctrl, vlan_ctrl) = (st.has(feature::CTRL_RX), st.has(feature::CTRL_VLAN));
+        if passes_filter(&frame, &mac, &st.net, rx_ctrl, vlan_ctrl) {
             let res = st.with_ring(RX_QUEUE, |r, view, chain, _, stats| {
                 if !r.pop(&view, chain).map_err(|e| e.to_string())? {
                     stats.rx_overruns += 1;
@@ -124,34 +168,58 @@ fn loopback(st: &mut SimState) {
     }
 }
 
-/// Answers control commands: MAC_ADDR_SET is applied to config space, the rest is ERR.
+/// Whether the device takes `cmd` with the negotiated features.
+fn supported(st: &SimState, cmd: &Command) -> bool {
+    let has = |bit| st.has(bit);
+    match cmd {
+        Command::Rx(RxMode::Promisc | RxMode::AllMulti, _) | Command::MacTable { .. } => has(feature::CTRL_RX),
+        Command::Rx(..) => has(feature::CTRL_RX_EXTRA),
+        Command::MacAddr(_) => has(feature::CTRL_MAC_ADDR),
+        Command::VlanAdd(_) | Command::VlanDel(_) => has(feature::CTRL_VLAN),
+        Command::AnnounceAck => has(feature::GUEST_ANNOUNCE),
+        Command::MqPairs(n) => has(feature::MQ) && *n <= MAX_PAIRS,
+        // No guest offload feature is offered: only "none" can be set.
+        Command::GuestOffloads(o) => has(feature::CTRL_GUEST_OFFLOADS) && *o == 0,
+        Command::RssConfig(_) | Command::HashConfig(_) => false,
+    }
+}
+
+/// Answers control commands: what the device supports is applied and acked OK, the rest
+/// (and anything malformed) gets ERR.
 fn control(st: &mut SimState) {
-    if st.features & (1 << feature::CTRL_VQ) == 0 {
+    if !st.has(feature::CTRL_VQ) {
         return;
     }
     loop {
-        let mut new_mac = None;
+        let mut cmd = None;
         let done = st.with_ring(CTRL_QUEUE, |r, view, chain, buf, stats| {
             if !r.pop(&view, chain).map_err(|e| e.to_string())? {
                 return Ok(false);
             }
             view.gather(&chain.out, 4096, buf).map_err(|e| e.to_string())?;
-            let ack = match buf.as_slice() {
-                [CTRL_MAC, CTRL_MAC_ADDR_SET, rest @ ..] if rest.len() == 6 => {
-                    new_mac = Some(<[u8; 6]>::try_from(rest).unwrap_or_default());
-                    ACK_OK
-                }
-                _ => ACK_ERR,
-            };
-            let written = view.scatter(&chain.inn, &[ack]).map_err(|e| e.to_string())?;
-            r.push_used(chain.head, written as u32);
+            cmd = Some(Command::decode(buf).ok());
             stats.ctrl_commands += 1;
             Ok(true)
         });
-        if let (Some(m), SimKind::Net { mac, .. }) = (new_mac, &mut st.kind) {
-            *mac = m;
-        }
         if done != Some(true) {
+            break;
+        }
+        let ack = match cmd.flatten() {
+            Some(c) if supported(st, &c) => {
+                if let (Command::MacAddr(m), SimKind::Net { mac, .. }) = (&c, &mut st.kind) {
+                    *mac = *m;
+                }
+                st.net.apply(&c);
+                ACK_OK
+            }
+            _ => ACK_ERR,
+        };
+        let written = st.with_ring(CTRL_QUEUE, |r, view, chain, _, _| {
+            let n = view.scatter(&chain.inn, &[ack]).map_err(|e| e.to_string())?;
+            r.push_used(chain.head, n as u32);
+            Ok(())
+        });
+        if written.is_none() {
             break;
         }
         st.complete(CTRL_QUEUE);
@@ -162,19 +230,54 @@ fn control(st: &mut SimState) {
 mod tests {
     use super::*;
 
+    fn frame(dst: [u8; 6], vlan: Option<u16>) -> Vec<u8> {
+        let mut f = vec![0u8; NET_HDR_LEN];
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+        if let Some(v) = vlan {
+            f.extend_from_slice(&[0x81, 0x00]);
+            f.extend_from_slice(&v.to_be_bytes());
+        }
+        f.extend_from_slice(&[0x88, 0xb5]);
+        f.extend_from_slice(&[0u8; 50]);
+        f
+    }
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+
     #[test]
-    fn filter_matches_the_kernel_simulator() {
-        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
-        let frame = |dst: [u8; 6]| {
-            let mut f = vec![0u8; NET_HDR_LEN];
-            f.extend_from_slice(&dst);
-            f.extend_from_slice(&[0u8; 50]);
-            f
-        };
-        assert!(passes_filter(&frame(mac), &mac));
-        assert!(passes_filter(&frame([0xff; 6]), &mac));
-        assert!(passes_filter(&frame([0x01, 0, 0x5e, 0, 0, 1]), &mac));
-        assert!(!passes_filter(&frame([0x52, 0x54, 0, 0x12, 0x34, 0x57]), &mac));
-        assert!(!passes_filter(&[0u8; 17], &mac));
+    fn filter_from_reset_matches_the_kernel_simulator() {
+        let st = NetState::default();
+        for rx_ctrl in [false, true] {
+            let pass = |d| passes_filter(&frame(d, None), &MAC, &st, rx_ctrl, false);
+            assert!(pass(MAC));
+            assert!(pass([0xff; 6]));
+            assert!(pass([0x01, 0, 0x5e, 0, 0, 1]));
+            assert!(!pass([0x52, 0x54, 0, 0x12, 0x34, 0x57]));
+        }
+        assert!(!passes_filter(&[0u8; 17], &MAC, &st, false, false));
+    }
+
+    #[test]
+    fn rx_modes_tables_and_vlans() {
+        let mut st = NetState::default();
+        let pass = |st: &NetState, d, vlan| passes_filter(&frame(d, vlan), &MAC, st, true, true);
+        let other = [2, 9, 9, 9, 9, 9];
+        let group = [0x01, 0, 0x5e, 0, 0, 7];
+        st.apply(&Command::Rx(RxMode::Promisc, true));
+        assert!(pass(&st, other, None));
+        st.apply(&Command::Rx(RxMode::Promisc, false));
+        st.apply(&Command::MacTable { unicast: vec![other], multicast: vec![group] });
+        st.apply(&Command::Rx(RxMode::AllMulti, false));
+        assert!(pass(&st, other, None) && pass(&st, group, None));
+        assert!(!pass(&st, [0x01, 0, 0x5e, 0, 0, 8], None));
+        st.apply(&Command::Rx(RxMode::NoBcast, true));
+        assert!(!pass(&st, [0xff; 6], None));
+        st.apply(&Command::Rx(RxMode::NoUni, true));
+        assert!(!pass(&st, MAC, None));
+        st.apply(&Command::Rx(RxMode::NoUni, false));
+        assert!(!pass(&st, MAC, Some(5)), "VLAN 5 not in the filter");
+        st.apply(&Command::VlanAdd(5));
+        assert!(pass(&st, MAC, Some(5)));
     }
 }

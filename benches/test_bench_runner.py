@@ -1,0 +1,174 @@
+"""`svq bench` itself: the output format of a --quick run, and that the pure-Python peer
+forwards chains the way svq does (a peer that is fast because it is wrong is no peer)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import pytest
+
+from svq import _native, bench
+
+FIELDS = {"name", "svq", "peer", "unit", "ratio", "target", "met"}
+
+
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    rc = bench.run(parser.parse_args(argv))
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_quick_json_rows_have_the_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    # The whole quick suite minus cargo (the parse rows are checked below, on request).
+    rc, out, err = run_cli(["--quick", "--json", "--no-cargo"], capsys)
+    rows = json.loads(out)
+    assert rc == 0, [r for r in rows if r["wildly_off"]]
+    assert "svq bench:" in err  # progress on stderr, not mixed into the JSON
+    names = [r["name"] for r in rows]
+    assert len(names) == len(set(names))
+    for prefix in ("iova alloc+free", "iova reverse lookup", "forward in-process", "forward end-to-end",
+                   "parse:", "notify:", "boundary:"):
+        assert any(n.startswith(prefix) for n in names), prefix
+    for r in rows:
+        assert FIELDS <= r.keys(), r
+        assert isinstance(r["name"], str) and isinstance(r["unit"], str) and isinstance(r["target"], str)
+        assert r["met"] in (True, False, None)
+        if r["note"].startswith("skipped"):
+            assert r["svq"] is None and r["met"] is None
+            continue
+        assert r["svq"] > 0 and r["peer"] > 0, r
+        assert r["ratio"] == pytest.approx(r["svq"] / r["peer"]) or r["ratio"] == pytest.approx(r["peer"] / r["svq"])
+        assert r.get("agree", True), r
+
+
+def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run_cli(["--quick", "--only", "forward", "--only", "notify"], capsys)
+    lines = out.splitlines()
+    assert lines[0].split() == ["name", "svq", "peer", "unit", "ratio", "target", "met"]
+    assert sum(line.startswith("forward in-process") for line in lines) == 4
+    rc, out, _ = run_cli(["--quick", "--markdown", "--only", "notify"], capsys)
+    assert out.startswith("| name | svq | peer | unit | ratio | target | met |")
+
+
+def test_wildly_off_is_the_only_failure() -> None:
+    ok = bench._row("x", 1.0, 200.0, "ns", higher_better=False, min_ratio=1000, svq_max=0.5)
+    assert ok.met is False and not ok.wildly_off()  # misses the target and a time bound: reported, not fatal
+    bad = bench._row("y", 2000.0, 100.0, "ns", higher_better=False, min_ratio=1.0)
+    assert bad.ratio == pytest.approx(0.05) and bad.wildly_off()
+    kicks = bench._row("k", 1.0, 1.0, "kicks/elem", higher_better=False, svq_max=1 / 32, svq_max_is_time=False)
+    assert kicks.wildly_off()
+
+
+@pytest.mark.skipif(
+    os.environ.get("SVQ_BENCH_CARGO") != "1" or bench.source_tree() is None or shutil.which("cargo") is None,
+    reason="builds a cargo test binary; set SVQ_BENCH_CARGO=1 in a source tree",
+)
+def test_parse_rows_from_cargo() -> None:
+    rows = bench.parse_rows(bench.plan(quick=True))
+    assert len(rows) == 2
+    for r in rows:
+        assert r.svq and r.peer and r.extra["agree"], r
+
+
+# ---- the pure-Python shadow virtqueue is a correct one ----
+
+GPA, SIZE = 0x4000_0000, 0x10_0000
+REGIONS = [(GPA, 0x8_0000, 0x1_0000_0000), (GPA + 0x8_0000, 0x8_0000, 0x2_0000_0000)]
+
+
+def py_setup(event_idx: bool = True):  # type: ignore[no-untyped-def]
+    _, _, _, total = bench.ring_offsets(8)
+    g, s = bench.PyRing(bytearray(total), 0, 8), bench.PyRing(bytearray(total), 0, 8)
+    sq = bench.PyShadowVirtqueue(g, GPA, GPA + SIZE, s, REGIONS, event_idx)
+    guest = bench.PyRingWriter(g, event_idx)
+    device = bench.PyRingReader(s, event_idx, 0x1_0000_0000, 0x2_0008_0000)
+    return sq, guest, device
+
+
+def to_iova(addr: int) -> int:
+    for gpa, size, iova in REGIONS:
+        if gpa <= addr < gpa + size:
+            return iova + addr - gpa
+    raise AssertionError(addr)
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_pure_python_svq_forwards_and_completes(event_idx: bool) -> None:
+    sq, guest, device = py_setup(event_idx)
+    chains = [
+        [(GPA + 0x1000, 64, False)],
+        [(GPA + 0x2000, 16, False), (GPA + 0x3000, 100, False), (GPA + 0x4000, 2048, True)],
+        # Straddles the two regions: split into two shadow descriptors.
+        [(GPA + 0x8_0000 - 10, 30, True)],
+    ]
+    for rnd in range(5):  # wraps the 8-entry rings' free lists and indices
+        heads = [guest.add(c) for c in chains]
+        guest.publish()
+        sq.forward()
+        popped = []
+        while (c := device.pop()) is not None:
+            popped.append(c)
+        assert [segs for _, segs in popped] == [
+            [(to_iova(a), n, w) for a, n, w in chains[0]],
+            [(to_iova(a), n, w) for a, n, w in chains[1]],
+            [(0x1_0000_0000 + 0x8_0000 - 10, 10, True), (0x2_0000_0000, 20, True)],
+        ]
+        for (h, _), n in zip(popped, (0, 7, 30)):
+            device.push_used(h, n)
+        device.publish_used()
+        sq.reap()
+        done = []
+        while (u := guest.pop_used()) is not None:
+            done.append(u)
+        assert done == list(zip(heads, (0, 7, 30))), rnd
+    assert sq.stats["elements"] == sq.stats["completed"] == 15
+
+
+@pytest.mark.parametrize(
+    "desc,why",
+    [
+        ((GPA + SIZE - 8, 16, 0, 0), "outside guest memory"),
+        ((GPA + 0x1000, 0, 0, 0), "zero-length"),
+        ((GPA + 0x1000, 8, bench.F_NEXT, 0), "loop"),
+        ((GPA + 0x1000, 8, bench.F_NEXT, 9), "outside the table"),
+        ((GPA + 0x1000, 16, bench.F_INDIRECT, 0), "INDIRECT_DESC"),
+    ],
+)
+def test_pure_python_svq_refuses_hostile_chains(desc: tuple[int, int, int, int], why: str) -> None:
+    sq, guest, _ = py_setup()
+    r = guest.r
+    bench.DESC.pack_into(r.buf, r.desc, *desc)
+    bench.U16.pack_into(r.buf, r.avail + 4, 0)
+    bench.U16.pack_into(r.buf, r.avail + 2, 1)
+    with pytest.raises(bench.PyRingError, match=why):
+        sq.forward()
+
+
+def test_read_after_write_and_index_jump_are_refused() -> None:
+    sq, guest, _ = py_setup()
+    guest.add([(GPA + 0x1000, 8, True), (GPA + 0x2000, 8, False)])
+    guest.publish()
+    with pytest.raises(bench.PyRingError, match="readable descriptor after a device-writable"):
+        sq.forward()
+    sq, guest, _ = py_setup()
+    bench.U16.pack_into(guest.r.buf, guest.r.avail + 2, 9)
+    with pytest.raises(bench.PyRingError, match="jumped"):
+        sq.forward()
+
+
+@pytest.mark.parametrize("segments,size", [(1, 64), (4, 1500)])
+def test_python_peer_and_svq_forward_the_same_chains(segments: int, size: int) -> None:
+    rs = _native.bench_forward(segments, size, 640)
+    py = bench.py_forward(segments, size, 640)
+    assert rs["elements"] == py["elements"] == 640
+    assert rs["checksum"] == py["checksum"] == bench.expected_forward_checksum(segments, size, 640)
+    # Same notification behaviour too: one kick and one call per batch of 32.
+    for k in ("device_kicks", "guest_calls"):
+        assert rs[k] == py[k] == 20, k

@@ -1,0 +1,627 @@
+//! In-process measurements for `svq bench`: svq's hot paths and their peers timed in the
+//! same run, where the Python boundary would hide the figure.
+//!
+//! * [`iova`]: svq's [`IovaAllocator`] against [`FirstFitAllocator`], the linear
+//!   first-fit design (walk the mappings in address order looking for a hole; reverse
+//!   look-ups by scanning every mapping) that QEMU's `iova-tree` and most simple
+//!   allocators use, at a given number of live mappings after fragmentation.
+//! * [`forward`]: svq's real [`ShadowQueue`] (guest [`RingReader`] → translation →
+//!   shadow [`RingWriter`], then used-entry validation and completion) driven in-process
+//!   on one thread, with this module playing the guest driver and the device.
+//!
+//! Times come from [`Instant`] around loops (never around single operations shorter than
+//! the clock's own cost), and every result is fed to [`black_box`] so nothing is optimised
+//! away. Figures are nanoseconds per operation; what matters is the ratio to the peer.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::device::Perm;
+use crate::eventfd::EventFd;
+use crate::iova::{IovaAllocator, PAGE_SIZE};
+use crate::mem::GuestMemory;
+use crate::ring::reader::BufferSpace;
+use crate::ring::{Buf, Chain, Descriptor, RingLayout, RingReader, RingWriter, Vring};
+use crate::shadow::{Forwarding, QueueHealth, QueueStats, RegionIova, ShadowFds, ShadowParts, ShadowQueue};
+
+// ---------------------------------------------------------------------------------------
+// IOVA allocator
+// ---------------------------------------------------------------------------------------
+
+/// One mapping of the peer allocator.
+#[derive(Debug, Clone, Copy)]
+struct PeerMapping {
+    size: u64,
+    host_addr: u64,
+}
+
+/// The peer: a first-fit allocator over one ordered map of live mappings, the common
+/// design (QEMU's `iova_tree_alloc_map` / `iova_tree_find_address`). Allocation walks the
+/// mappings in address order until the gap before one is large enough; a reverse look-up
+/// scans every mapping. Both are linear in the number of live mappings.
+#[derive(Debug)]
+pub struct FirstFitAllocator {
+    first: u64,
+    last: u64,
+    maps: BTreeMap<u64, PeerMapping>,
+}
+
+impl FirstFitAllocator {
+    /// An allocator for the page-aligned inclusive range `[first, last]` (`first > 0`).
+    pub fn new(first: u64, last: u64) -> Self {
+        FirstFitAllocator { first, last, maps: BTreeMap::new() }
+    }
+
+    /// First fit: the lowest gap of at least `size` bytes (page-rounded).
+    pub fn alloc(&mut self, size: u64, host_addr: u64) -> Option<u64> {
+        let size = size.checked_add(PAGE_SIZE - 1)? & !(PAGE_SIZE - 1);
+        let mut cur = self.first;
+        for (&iova, m) in &self.maps {
+            if iova - cur >= size {
+                break;
+            }
+            cur = iova + m.size;
+        }
+        if cur.checked_add(size - 1)? > self.last {
+            return None;
+        }
+        self.maps.insert(cur, PeerMapping { size, host_addr });
+        Some(cur)
+    }
+
+    /// Places a mapping at a known IOVA (only to build a large starting state quickly;
+    /// the caller passes exactly what first fit would choose).
+    pub fn insert_at(&mut self, iova: u64, size: u64, host_addr: u64) {
+        self.maps.insert(iova, PeerMapping { size, host_addr });
+    }
+
+    /// Removes the mapping starting at `iova`.
+    pub fn remove(&mut self, iova: u64) -> bool {
+        self.maps.remove(&iova).is_some()
+    }
+
+    /// IOVA of `host_addr`: a scan of every mapping.
+    pub fn iova_of_host(&self, host_addr: u64) -> Option<u64> {
+        self.maps
+            .iter()
+            .find(|(_, m)| m.host_addr <= host_addr && host_addr - m.host_addr < m.size)
+            .map(|(&iova, m)| iova + (host_addr - m.host_addr))
+    }
+
+    /// Live mappings.
+    pub fn len(&self) -> usize {
+        self.maps.len()
+    }
+
+    /// Whether no mapping is live.
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty()
+    }
+}
+
+/// Figures of one [`iova`] run, in nanoseconds per operation.
+#[derive(Debug, Clone, Default)]
+pub struct IovaFigures {
+    /// Live mappings while measuring.
+    pub live: usize,
+    /// svq: allocations of a 2-page mapping.
+    pub svq_alloc_ns: f64,
+    /// svq: frees of those mappings.
+    pub svq_free_ns: f64,
+    /// svq: reverse (host address → IOVA) look-ups.
+    pub svq_lookup_ns: f64,
+    /// svq operations timed of each kind.
+    pub svq_ops: usize,
+    /// Peer: allocations.
+    pub peer_alloc_ns: f64,
+    /// Peer: frees.
+    pub peer_free_ns: f64,
+    /// Peer: reverse look-ups.
+    pub peer_lookup_ns: f64,
+    /// Peer operations timed of each kind (capped: the peer is linear).
+    pub peer_ops: usize,
+    /// Both allocators placed the peer's allocations at the same IOVAs and answered every
+    /// sampled look-up the same way.
+    pub agree: bool,
+    /// Seconds spent building the starting state (both allocators).
+    pub setup_s: f64,
+}
+
+const HOST_BASE: u64 = 0x7f00_0000_0000;
+const BATCH: usize = 64;
+
+/// xorshift64*: a reproducible stream of look-up targets.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// Host address of the `i`th of the `2 * live` one-page mappings of the starting state.
+fn start_host(i: u64) -> u64 {
+    HOST_BASE + i * 2 * PAGE_SIZE
+}
+
+/// Host address of a live mapping (an odd-numbered one) picked at random, plus an offset.
+fn probe_host(rng: &mut Rng, live: usize) -> u64 {
+    let k = rng.next() % live as u64;
+    start_host(2 * k + 1) + rng.next() % PAGE_SIZE
+}
+
+/// Measures svq's allocator and the first-fit peer at `live` live mappings.
+///
+/// Starting state, identical in both: `2 * live` one-page mappings placed from the
+/// bottom of the IOVA space, then every other one freed, leaving `live` mappings and
+/// `live` one-page holes. Then, in batches of 64, allocations of 2-page mappings (which
+/// no hole fits: first fit walks past every hole) followed by their frees, and random
+/// reverse look-ups of addresses inside live mappings. svq does `ops` of each; the peer
+/// `peer_ops` (it is linear: at a million mappings each operation takes milliseconds).
+pub fn iova(live: usize, ops: usize, peer_ops: usize) -> IovaFigures {
+    let live = live.max(1);
+    let (first, last) = (PAGE_SIZE, (1u64 << 48) - 1);
+    let t0 = Instant::now();
+    let mut svq = IovaAllocator::new(first, last).expect("non-empty range");
+    let mut peer = FirstFitAllocator::new(first, last);
+    let mut starts = Vec::with_capacity(2 * live);
+    for i in 0..2 * live as u64 {
+        let m = svq.alloc(PAGE_SIZE, start_host(i), None, Perm::ReadWrite).expect("room");
+        // First fit into an empty tail places mappings back to back, like svq did.
+        debug_assert_eq!(m.iova, first + i * PAGE_SIZE);
+        peer.insert_at(m.iova, PAGE_SIZE, start_host(i));
+        starts.push(m.iova);
+    }
+    for &iova in starts.iter().step_by(2) {
+        svq.remove(iova).expect("live");
+        peer.remove(iova);
+    }
+    drop(starts);
+    let setup_s = t0.elapsed().as_secs_f64();
+    let mut agree = svq.len() == live && peer.len() == live;
+
+    let big = 2 * PAGE_SIZE;
+    let big_host = |i: usize| HOST_BASE + (1 << 44) + i as u64 * 4 * PAGE_SIZE;
+    let mut batch = Vec::with_capacity(BATCH);
+
+    // svq: alloc+free in batches, then look-ups; best of three passes (it is cheap, and
+    // the machine is noisy).
+    let ops = ops.max(1);
+    let (mut t_alloc, mut t_free, mut t_lookup, mut t_rng) = (f64::MAX, f64::MAX, f64::MAX, f64::MAX);
+    for _ in 0..3 {
+        let (mut ta, mut tf) = (0f64, 0f64);
+        let mut done = 0;
+        while done < ops {
+            let n = BATCH.min(ops - done);
+            let t = Instant::now();
+            for i in 0..n {
+                batch.push(svq.alloc(big, big_host(i), None, Perm::ReadWrite).expect("room").iova);
+            }
+            ta += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            for &iova in &batch {
+                black_box(svq.remove(iova).is_ok());
+            }
+            tf += t.elapsed().as_secs_f64();
+            batch.clear();
+            done += n;
+        }
+        t_alloc = t_alloc.min(ta);
+        t_free = t_free.min(tf);
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut sum = 0u64;
+        let t = Instant::now();
+        for _ in 0..ops {
+            sum = sum.wrapping_add(svq.iova_of_host(probe_host(&mut rng, live)).unwrap_or(1));
+        }
+        t_lookup = t_lookup.min(t.elapsed().as_secs_f64());
+        black_box(sum);
+        // The cost of drawing the random addresses, taken out of both sides' look-up figures.
+        let t = Instant::now();
+        for _ in 0..ops {
+            sum = sum.wrapping_add(black_box(probe_host(&mut rng, live)));
+        }
+        t_rng = t_rng.min(t.elapsed().as_secs_f64());
+        black_box(sum);
+    }
+
+    // Peer, with the same operations.
+    let peer_ops = peer_ops.max(1);
+    let (mut p_alloc, mut p_free) = (0f64, 0f64);
+    let mut done = 0;
+    while done < peer_ops {
+        let n = BATCH.min(peer_ops - done);
+        let t = Instant::now();
+        for i in 0..n {
+            batch.push(peer.alloc(big, big_host(i)).expect("room"));
+        }
+        p_alloc += t.elapsed().as_secs_f64();
+        // Cross-check, untimed: svq places the same request at the same IOVA (the lowest
+        // address that fits: both end up at the tail).
+        if done == 0 {
+            let m = svq.alloc(big, big_host(0), None, Perm::ReadWrite).expect("room");
+            agree &= m.iova == batch[0];
+            svq.remove(m.iova).expect("live");
+        }
+        let t = Instant::now();
+        for &iova in &batch {
+            black_box(peer.remove(iova));
+        }
+        p_free += t.elapsed().as_secs_f64();
+        batch.clear();
+        done += n;
+    }
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut results = Vec::with_capacity(peer_ops);
+    let t = Instant::now();
+    for _ in 0..peer_ops {
+        results.push(peer.iova_of_host(probe_host(&mut rng, live)));
+    }
+    let p_lookup = t.elapsed().as_secs_f64();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for r in &results {
+        agree &= svq.iova_of_host(probe_host(&mut rng, live)) == *r && r.is_some();
+    }
+    black_box(&results);
+
+    let per = |t: f64, n: usize| t * 1e9 / n as f64;
+    let rng_ns = per(t_rng, ops);
+    IovaFigures {
+        live,
+        svq_alloc_ns: per(t_alloc, ops),
+        svq_free_ns: per(t_free, ops),
+        svq_lookup_ns: (per(t_lookup, ops) - rng_ns).max(0.0),
+        svq_ops: ops,
+        peer_alloc_ns: per(p_alloc, peer_ops),
+        peer_free_ns: per(p_free, peer_ops),
+        peer_lookup_ns: (per(p_lookup, peer_ops) - rng_ns).max(0.0),
+        peer_ops,
+        agree,
+        setup_s,
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forwarding, in process
+// ---------------------------------------------------------------------------------------
+
+/// Guest address of the bench's guest memory (one region).
+pub const FWD_GUEST_GPA: u64 = 0x4000_0000;
+/// Size of the bench's guest memory.
+pub const FWD_GUEST_SIZE: u64 = 4 << 20;
+/// Guest address of the first buffer slot (the guest ring sits at `FWD_GUEST_GPA`).
+pub const FWD_BUF_BASE: u64 = FWD_GUEST_GPA + 0x10_0000;
+/// Bytes between consecutive buffer slots.
+pub const FWD_BUF_STRIDE: u64 = 2048;
+/// IOVA at which the guest memory is mapped for the device.
+pub const FWD_REGION_IOVA: u64 = 0x1_0000_0000;
+/// Queue size of the guest and shadow rings.
+pub const FWD_QUEUE_SIZE: u16 = 256;
+
+/// Guest address of segment `s` of the element in batch slot `j`.
+pub fn fwd_buf_addr(j: usize, s: usize, segments: usize) -> u64 {
+    FWD_BUF_BASE + (j * segments + s) as u64 * FWD_BUF_STRIDE
+}
+
+/// Segment lengths of a `frame_size`-byte frame split like `Driver.send` splits it.
+pub fn fwd_segment_lens(frame_size: usize, segments: usize) -> Vec<u32> {
+    let per = frame_size.div_ceil(segments.max(1)).max(1);
+    let mut out = Vec::new();
+    let mut left = frame_size;
+    while left > 0 {
+        let n = per.min(left);
+        out.push(n as u32);
+        left -= n;
+    }
+    out
+}
+
+/// What [`forward`] measured.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardFigures {
+    /// Elements forwarded and completed.
+    pub elements: u64,
+    /// svq's CPU per element: `ShadowQueue::forward` + `ShadowQueue::reap`, in ns.
+    pub svq_ns: f64,
+    /// Of which forwarding (pop, validate, translate, write the shadow ring, kick).
+    pub forward_ns: f64,
+    /// Of which reaping (validate used entries, complete the guest's chains, call).
+    pub reap_ns: f64,
+    /// Σ (iova · 31 + len) over every segment the device popped from the shadow ring
+    /// (wrapping): what the pure-Python peer must reproduce.
+    pub checksum: u64,
+    /// Device kicks svq sent / suppressed; guest calls sent / suppressed.
+    pub device_kicks: u64,
+    /// Device kicks suppressed.
+    pub device_kicks_suppressed: u64,
+    /// Guest calls sent.
+    pub guest_calls: u64,
+    /// Guest calls suppressed.
+    pub guest_calls_suppressed: u64,
+}
+
+/// The device's view of memory in the bench: the guest region at its IOVA.
+struct DeviceSpace;
+impl BufferSpace for DeviceSpace {
+    const NAME: &'static str = "the bench device's IOTLB";
+    fn check(&self, addr: u64, len: u64, _write: bool) -> bool {
+        addr >= FWD_REGION_IOVA && addr.checked_add(len).is_some_and(|e| e <= FWD_REGION_IOVA + FWD_GUEST_SIZE)
+    }
+    fn read_desc(&self, _table: u64, _i: u32) -> Option<Descriptor> {
+        None
+    }
+}
+
+/// The shadow ring's memory, owned by the bench (the device reads it through host
+/// pointers, as the embedded device does once its IOTLB translated the ring).
+struct HostRing {
+    _mem: Vec<u128>,
+    ring: Vring,
+}
+
+fn host_ring(size: u16) -> HostRing {
+    let layout = RingLayout::new(size).expect("power of two");
+    let (_, a, u, total) = layout.packed_offsets();
+    let mut mem = vec![0u128; (total as usize).div_ceil(16)];
+    let base = mem.as_mut_ptr() as *mut u8;
+    // SAFETY: `packed_offsets` puts the three parts inside `total` bytes of `mem`, whose
+    // heap buffer never moves and outlives `ring` (both live in the returned HostRing and
+    // the ring is only used while it is alive); u128 storage is 16-byte aligned and the
+    // avail/used offsets are 2/4-aligned.
+    let ring = unsafe {
+        Vring::new(
+            NonNull::new(base).expect("non-null"),
+            NonNull::new(base.add(a as usize)).expect("non-null"),
+            NonNull::new(base.add(u as usize)).expect("non-null"),
+            layout,
+        )
+    };
+    HostRing { _mem: mem, ring }
+}
+
+/// Runs svq's shadow virtqueue in process for at least `elements` elements of
+/// `frame_size` bytes in `segments` device-readable descriptors each, `batch` at a time.
+///
+/// Per batch: the guest (this function, a [`RingWriter`] on the guest ring) adds `batch`
+/// chains and publishes them; svq forwards them (**timed**); the device (a
+/// [`RingReader`] on the shadow ring) pops and validates every chain, completes it with
+/// length 0 and re-arms kicks; svq reaps (**timed**); the guest reaps and re-arms calls.
+/// Notifications are real eventfd writes, so their cost is in svq's figure.
+pub fn forward(segments: usize, frame_size: usize, elements: u64, batch: usize, event_idx: bool) -> Result<ForwardFigures, String> {
+    let segments = segments.max(1);
+    let lens = fwd_segment_lens(frame_size.max(1), segments);
+    if lens.iter().any(|&l| l as u64 > FWD_BUF_STRIDE) {
+        return Err(format!("segments of {frame_size}/{segments} bytes exceed the {FWD_BUF_STRIDE}-byte slots"));
+    }
+    let batch = batch.clamp(1, FWD_QUEUE_SIZE as usize / lens.len());
+    let mem = Arc::new(GuestMemory::new(&[(FWD_GUEST_GPA, FWD_GUEST_SIZE)]).map_err(|e| e.to_string())?);
+    let layout = RingLayout::new(FWD_QUEUE_SIZE).expect("power of two");
+    let (d, a, u, _) = layout.packed_offsets();
+    let ptr = |off: u64, len: u64| mem.host_ptr(FWD_GUEST_GPA + off, len).map_err(|e| e.to_string());
+    // SAFETY: the three parts lie inside guest memory (host_ptr checked their sizes) at
+    // 16/2/4-aligned offsets of a page-aligned region, and `mem` outlives every user of
+    // the ring (the ShadowQueue holds an Arc; the guest writer is dropped before `mem`).
+    let guest_ring = unsafe { Vring::new(ptr(d, layout.desc_bytes())?, ptr(a, layout.avail_bytes())?, ptr(u, layout.used_bytes())?, layout) };
+    let shadow = host_ring(FWD_QUEUE_SIZE);
+
+    let mut guest = RingWriter::new(guest_ring, 0, event_idx);
+    let mut device = RingReader::new(shadow.ring, 0, event_idx, false);
+    let efd = || EventFd::new().map_err(|e| format!("eventfd: {e}"));
+    let fds = ShadowFds { guest_kick: Arc::new(efd()?), guest_call: Arc::new(efd()?), device_kick: efd()?, device_call: efd()? };
+    let stats = Arc::new(QueueStats::default());
+    let mut sq = ShadowQueue::new(ShadowParts {
+        index: 1,
+        forwarding: Forwarding::Translate,
+        guest: RingReader::new(guest_ring, 0, event_idx, false),
+        shadow: RingWriter::new(shadow.ring, 0, event_idx),
+        mem: mem.clone(),
+        regions: vec![RegionIova { gpa: FWD_GUEST_GPA, size: FWD_GUEST_SIZE, iova: FWD_REGION_IOVA }],
+        fds,
+        stats: stats.clone(),
+        health: Arc::new(QueueHealth::default()),
+        bounce_space: None,
+        bounce: None,
+    });
+    // Both peers ask for notifications from the start.
+    device.enable_notify();
+    guest.enable_cb();
+
+    let chains: Vec<Vec<Buf>> = (0..batch)
+        .map(|j| lens.iter().enumerate().map(|(s, &len)| Buf { addr: fwd_buf_addr(j, s, segments), len, write: false }).collect())
+        .collect();
+    let mut chain = Chain::default();
+    let mut fig = ForwardFigures::default();
+    let (mut t_fwd, mut t_reap) = (0f64, 0f64);
+    while fig.elements < elements {
+        for c in &chains {
+            guest.add(c).map_err(|e| e.to_string())?;
+        }
+        guest.publish();
+
+        let t = Instant::now();
+        sq.forward();
+        t_fwd += t.elapsed().as_secs_f64();
+
+        device.disable_notify();
+        let mut n = 0;
+        while device.pop(&DeviceSpace, &mut chain).map_err(|e| format!("device: {e}"))? {
+            for s in &chain.out {
+                fig.checksum = fig.checksum.wrapping_add(s.addr.wrapping_mul(31).wrapping_add(s.len as u64));
+            }
+            device.push_used(chain.head, 0);
+            n += 1;
+        }
+        device.publish_used();
+        device.enable_notify();
+        if n != batch {
+            return Err(format!("svq forwarded {n} of {batch} elements"));
+        }
+
+        let t = Instant::now();
+        sq.reap();
+        t_reap += t.elapsed().as_secs_f64();
+
+        guest.disable_cb();
+        let mut got = 0;
+        while guest.pop_used().map_err(|e| format!("guest: {e}"))?.is_some() {
+            got += 1;
+        }
+        guest.enable_cb();
+        if got != batch {
+            return Err(format!("svq completed {got} of {batch} elements"));
+        }
+        fig.elements += batch as u64;
+    }
+    if let Some(f) = sq.is_broken().then(|| "queue broke".to_string()) {
+        return Err(f);
+    }
+    let s: std::collections::HashMap<_, _> = stats.snapshot().into_iter().collect();
+    fig.device_kicks = s["device_kicks"];
+    fig.device_kicks_suppressed = s["device_kicks_suppressed"];
+    fig.guest_calls = s["guest_calls"];
+    fig.guest_calls_suppressed = s["guest_calls_suppressed"];
+    let per = |t: f64| t * 1e9 / fig.elements as f64;
+    fig.forward_ns = per(t_fwd);
+    fig.reap_ns = per(t_reap);
+    fig.svq_ns = per(t_fwd + t_reap);
+    drop(sq);
+    drop(guest);
+    Ok(fig)
+}
+
+// ---------------------------------------------------------------------------------------
+// Python bindings
+// ---------------------------------------------------------------------------------------
+
+#[cfg(feature = "python")]
+mod py {
+    use pyo3::exceptions::PyRuntimeError;
+    use pyo3::prelude::*;
+    use pyo3::types::PyDict;
+
+    /// svq's IOVA allocator against the linear first-fit peer at `live` live mappings
+    /// (fragmented: every other one freed). Returns ns/op figures; see `svq.bench`.
+    #[pyfunction]
+    #[pyo3(signature = (live, ops, peer_ops = None))]
+    fn bench_iova<'py>(py: Python<'py>, live: usize, ops: usize, peer_ops: Option<usize>) -> PyResult<Bound<'py, PyDict>> {
+        let f = py.detach(|| super::iova(live, ops, peer_ops.unwrap_or(ops)));
+        let d = PyDict::new(py);
+        d.set_item("live", f.live)?;
+        d.set_item("svq_alloc_ns", f.svq_alloc_ns)?;
+        d.set_item("svq_free_ns", f.svq_free_ns)?;
+        d.set_item("svq_lookup_ns", f.svq_lookup_ns)?;
+        d.set_item("svq_ops", f.svq_ops)?;
+        d.set_item("peer_alloc_ns", f.peer_alloc_ns)?;
+        d.set_item("peer_free_ns", f.peer_free_ns)?;
+        d.set_item("peer_lookup_ns", f.peer_lookup_ns)?;
+        d.set_item("peer_ops", f.peer_ops)?;
+        d.set_item("agree", f.agree)?;
+        d.set_item("setup_s", f.setup_s)?;
+        Ok(d)
+    }
+
+    /// svq's shadow virtqueue (pop → translate → shadow ring → reap → complete) run in
+    /// process, same thread, no device thread: ns of svq CPU per element.
+    #[pyfunction]
+    #[pyo3(signature = (segments, frame_size, elements, batch = 32, event_idx = true))]
+    fn bench_forward<'py>(
+        py: Python<'py>,
+        segments: usize,
+        frame_size: usize,
+        elements: u64,
+        batch: usize,
+        event_idx: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let f = py.detach(|| super::forward(segments, frame_size, elements, batch, event_idx)).map_err(PyRuntimeError::new_err)?;
+        let d = PyDict::new(py);
+        d.set_item("elements", f.elements)?;
+        d.set_item("svq_ns", f.svq_ns)?;
+        d.set_item("forward_ns", f.forward_ns)?;
+        d.set_item("reap_ns", f.reap_ns)?;
+        d.set_item("checksum", f.checksum)?;
+        d.set_item("device_kicks", f.device_kicks)?;
+        d.set_item("device_kicks_suppressed", f.device_kicks_suppressed)?;
+        d.set_item("guest_calls", f.guest_calls)?;
+        d.set_item("guest_calls_suppressed", f.guest_calls_suppressed)?;
+        Ok(d)
+    }
+
+    /// The constants of the in-process forwarding layout, for the pure-Python peer.
+    #[pyfunction]
+    fn bench_forward_layout<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("guest_gpa", super::FWD_GUEST_GPA)?;
+        d.set_item("guest_size", super::FWD_GUEST_SIZE)?;
+        d.set_item("buf_base", super::FWD_BUF_BASE)?;
+        d.set_item("buf_stride", super::FWD_BUF_STRIDE)?;
+        d.set_item("region_iova", super::FWD_REGION_IOVA)?;
+        d.set_item("queue_size", super::FWD_QUEUE_SIZE)?;
+        Ok(d)
+    }
+
+    pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(bench_iova, m)?)?;
+        m.add_function(wrap_pyfunction!(bench_forward, m)?)?;
+        m.add_function(wrap_pyfunction!(bench_forward_layout, m)?)?;
+        Ok(())
+    }
+}
+
+/// Registers the benchmark functions on the extension module.
+#[cfg(feature = "python")]
+pub fn register(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+    py::register(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_fit_peer_and_svq_agree() {
+        let f = iova(1000, 200, 200);
+        assert!(f.agree, "{f:?}");
+        assert_eq!(f.live, 1000);
+    }
+
+    #[test]
+    fn first_fit_takes_the_lowest_gap() {
+        let mut p = FirstFitAllocator::new(PAGE_SIZE, 64 * PAGE_SIZE - 1);
+        let a = p.alloc(PAGE_SIZE, 0).unwrap();
+        let b = p.alloc(2 * PAGE_SIZE, 0x10_0000).unwrap();
+        let c = p.alloc(PAGE_SIZE, 0).unwrap();
+        assert_eq!((a, b, c), (PAGE_SIZE, 2 * PAGE_SIZE, 4 * PAGE_SIZE));
+        p.remove(b);
+        assert_eq!(p.alloc(3 * PAGE_SIZE, 0), Some(5 * PAGE_SIZE));
+        assert_eq!(p.alloc(PAGE_SIZE, 0x20_0000), Some(2 * PAGE_SIZE));
+        assert_eq!(p.iova_of_host(0x20_0005), Some(2 * PAGE_SIZE + 5));
+        assert_eq!(p.iova_of_host(0x30_0000), None);
+    }
+
+    #[test]
+    fn in_process_forwarding_round_trips() {
+        for (segs, size) in [(1, 64), (4, 1500)] {
+            let f = forward(segs, size, 256, 32, true).unwrap();
+            assert_eq!(f.elements, 256);
+            let lens = fwd_segment_lens(size, segs);
+            let mut want = 0u64;
+            for _ in 0..256 / 32 {
+                for j in 0..32 {
+                    for (s, &l) in lens.iter().enumerate() {
+                        let iova = fwd_buf_addr(j, s, segs) - FWD_GUEST_GPA + FWD_REGION_IOVA;
+                        want = want.wrapping_add(iova.wrapping_mul(31).wrapping_add(l as u64));
+                    }
+                }
+            }
+            assert_eq!(f.checksum, want);
+            // One kick and one call per batch: both peers re-arm after every batch.
+            assert_eq!(f.device_kicks, 8);
+            assert_eq!(f.guest_calls, 8);
+        }
+    }
+}

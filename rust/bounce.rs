@@ -1,0 +1,317 @@
+//! Copy-mode bounce buffers: page-aligned host memory the device reaches at an IOVA, so
+//! that it never sees guest memory.
+//!
+//! Two strategies, so both can be measured:
+//! - [`Strategy::Pool`] (the default) maps chunks of buffers once, hands out page runs
+//!   from them, zero-fills a run when it comes back, and grows by another mapped chunk
+//!   when exhausted. Every free page of the pool is zero, so a buffer's page-rounded tail
+//!   never holds stale data.
+//! - [`Strategy::PerElement`] creates, maps, unmaps and frees memory for every buffer.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use crate::device::Perm;
+use crate::dma::{Dma, DmaError, MapRequest};
+use crate::iova::PAGE_SIZE;
+use crate::mem::{GuestMemory, MemError};
+
+static LIVE: AtomicI64 = AtomicI64::new(0);
+
+/// Bounce buffers handed out and not yet freed, over all pools.
+pub fn live_buffers() -> i64 {
+    LIVE.load(Ordering::SeqCst)
+}
+
+/// How bounce buffers are obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    /// Pre-mapped chunks, reused.
+    Pool,
+    /// Allocate and map per buffer, unmap and free after use.
+    PerElement,
+}
+
+/// A failed buffer allocation.
+#[derive(Debug, thiserror::Error)]
+pub enum BounceError {
+    /// Mapping failed.
+    #[error("bounce buffer map: {0}")]
+    Dma(#[from] DmaError),
+    /// Host memory could not be created.
+    #[error("bounce buffer memory: {0}")]
+    Mem(#[from] MemError),
+}
+
+/// Pages per pool chunk (256 KiB): a control queue's worth of small commands.
+const CHUNK_PAGES: usize = 64;
+
+#[derive(Debug)]
+struct Chunk {
+    mem: GuestMemory,
+    iova: u64,
+    used: Vec<bool>,
+}
+
+#[derive(Debug)]
+enum Home {
+    Pool { chunk: usize, first: usize, pages: usize },
+    Own { mem: GuestMemory },
+}
+
+/// One buffer the device can reach at `iova`.
+#[derive(Debug)]
+pub struct BounceBuf {
+    /// IOVA of the first byte.
+    pub iova: u64,
+    host: NonNull<u8>,
+    /// Page-rounded capacity.
+    pub cap: usize,
+    home: Home,
+}
+
+// SAFETY: the buffer points into memory owned by its pool (or by itself) that outlives it;
+// it is only accessed by the thread that holds it.
+unsafe impl Send for BounceBuf {}
+
+impl BounceBuf {
+    /// Copies `data` to offset `at` of the buffer.
+    pub fn write(&mut self, at: usize, data: &[u8]) {
+        assert!(at + data.len() <= self.cap, "bounce write past capacity");
+        // SAFETY: in bounds (checked above); the buffer memory is ours while we hold it.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.as_ptr().add(at), data.len()) }
+    }
+
+    /// The first `len` bytes.
+    pub fn bytes(&self, len: usize) -> &[u8] {
+        let len = len.min(self.cap);
+        // SAFETY: in bounds; the device may write these bytes concurrently only while the
+        // element is in flight, and callers read after completion.
+        unsafe { std::slice::from_raw_parts(self.host.as_ptr(), len) }
+    }
+}
+
+/// The bounce buffers of one queue, in one address space.
+#[derive(Debug)]
+pub struct BouncePool {
+    dma: Arc<Dma>,
+    asid: u32,
+    strategy: Strategy,
+    chunks: Vec<Chunk>,
+    live: usize,
+}
+
+fn pages_for(len: usize) -> usize {
+    len.max(1).div_ceil(PAGE_SIZE as usize)
+}
+
+impl BouncePool {
+    /// A pool for address space `asid`; with [`Strategy::Pool`] the first `chunks` chunks
+    /// are mapped now, in one IOTLB batch.
+    pub fn new(dma: Arc<Dma>, asid: u32, strategy: Strategy, chunks: usize) -> Result<Self, BounceError> {
+        let mut p = BouncePool { dma, asid, strategy, chunks: Vec::new(), live: 0 };
+        if strategy == Strategy::Pool && chunks > 0 {
+            p.grow(&vec![CHUNK_PAGES; chunks])?;
+        }
+        Ok(p)
+    }
+
+    /// The strategy.
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// Buffers handed out and not freed.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
+    /// Mapped pool chunks.
+    pub fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+
+    fn grow(&mut self, sizes: &[usize]) -> Result<(), BounceError> {
+        let mems: Vec<GuestMemory> =
+            sizes.iter().map(|&pages| GuestMemory::new(&[(0, (pages as u64) * PAGE_SIZE)])).collect::<Result<_, _>>()?;
+        let reqs: Vec<MapRequest> = mems
+            .iter()
+            .map(|m| {
+                let r = &m.regions()[0];
+                MapRequest { size: r.size, host: r.host_addr(), guest: None, perm: Perm::ReadWrite, at: None }
+            })
+            .collect();
+        let maps = self.dma.map(self.asid, &reqs)?;
+        for ((mem, m), &pages) in mems.into_iter().zip(maps).zip(sizes) {
+            self.chunks.push(Chunk { mem, iova: m.iova, used: vec![false; pages] });
+        }
+        Ok(())
+    }
+
+    /// A zero-filled buffer of at least `len` bytes.
+    pub fn alloc(&mut self, len: usize) -> Result<BounceBuf, BounceError> {
+        let pages = pages_for(len);
+        let buf = match self.strategy {
+            Strategy::PerElement => {
+                let mem = GuestMemory::new(&[(0, pages as u64 * PAGE_SIZE)])?;
+                let r = &mem.regions()[0];
+                let req = MapRequest { size: r.size, host: r.host_addr(), guest: None, perm: Perm::ReadWrite, at: None };
+                let m = self.dma.map_one(self.asid, req)?;
+                let host = NonNull::new(r.host_addr() as *mut u8).expect("mmap never returns null");
+                BounceBuf { iova: m.iova, host, cap: pages * PAGE_SIZE as usize, home: Home::Own { mem } }
+            }
+            Strategy::Pool => {
+                let (chunk, first) = match self.find(pages) {
+                    Some(at) => at,
+                    None => {
+                        self.grow(&[pages.max(CHUNK_PAGES)])?;
+                        (self.chunks.len() - 1, 0)
+                    }
+                };
+                let c = &mut self.chunks[chunk];
+                c.used[first..first + pages].iter_mut().for_each(|u| *u = true);
+                let base = c.mem.regions()[0].host_addr() as *mut u8;
+                // SAFETY: first + pages <= chunk pages, so the offset is inside the chunk.
+                let host = unsafe { NonNull::new_unchecked(base.add(first * PAGE_SIZE as usize)) };
+                BounceBuf {
+                    iova: c.iova + (first as u64) * PAGE_SIZE,
+                    host,
+                    cap: pages * PAGE_SIZE as usize,
+                    home: Home::Pool { chunk, first, pages },
+                }
+            }
+        };
+        self.live += 1;
+        LIVE.fetch_add(1, Ordering::SeqCst);
+        Ok(buf)
+    }
+
+    fn find(&self, pages: usize) -> Option<(usize, usize)> {
+        for (ci, c) in self.chunks.iter().enumerate() {
+            let mut run = 0;
+            for (i, used) in c.used.iter().enumerate() {
+                run = if *used { 0 } else { run + 1 };
+                if run == pages {
+                    return Some((ci, i + 1 - pages));
+                }
+            }
+        }
+        None
+    }
+
+    /// Returns a buffer: zero-filled back into the pool, or unmapped and freed.
+    pub fn free(&mut self, buf: BounceBuf) -> Result<(), BounceError> {
+        self.live -= 1;
+        LIVE.fetch_sub(1, Ordering::SeqCst);
+        match buf.home {
+            Home::Pool { chunk, first, pages } => {
+                // SAFETY: the run belongs to this pool's chunk and nobody else uses it now.
+                unsafe { std::ptr::write_bytes(buf.host.as_ptr(), 0, buf.cap) };
+                self.chunks[chunk].used[first..first + pages].iter_mut().for_each(|u| *u = false);
+                Ok(())
+            }
+            Home::Own { mem } => {
+                let r = self.dma.unmap(&[buf.iova]);
+                drop(mem);
+                Ok(r?)
+            }
+        }
+    }
+
+    /// Unmaps every chunk (after the device stopped). Buffers still out are forgotten by
+    /// the count; their memory goes with the chunks.
+    pub fn release(&mut self) -> Result<(), BounceError> {
+        let iovas: Vec<u64> = self.chunks.iter().map(|c| c.iova).collect();
+        LIVE.fetch_sub(self.live as i64, Ordering::SeqCst);
+        self.live = 0;
+        let r = self.dma.unmap(&iovas);
+        self.chunks.clear();
+        Ok(r?)
+    }
+}
+
+impl Drop for BouncePool {
+    fn drop(&mut self) {
+        if !self.chunks.is_empty() || self.live > 0 {
+            let _ = self.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::faulty::FaultInjector;
+    use crate::device::sim::SimDevice;
+    use crate::device::Device;
+
+    fn dma() -> (Arc<Dma>, Arc<FaultInjector>) {
+        let sim: Arc<dyn Device> = Arc::new(SimDevice::net([2, 0, 0, 0, 0, 1], 1500).unwrap());
+        let f = Arc::new(FaultInjector::new(sim));
+        (Arc::new(Dma::new(f.clone()).unwrap()), f)
+    }
+
+    #[test]
+    fn pool_buffers_come_back_zeroed_to_the_page_end() {
+        let (dma, _) = dma();
+        let mut p = BouncePool::new(dma.clone(), 0, Strategy::Pool, 1).unwrap();
+        assert_eq!(dma.live(), 1, "one chunk mapped up front");
+        let mut b = p.alloc(100).unwrap();
+        assert_eq!(b.cap, 4096);
+        b.write(0, &[0xaa; 4096]);
+        let first = b.iova;
+        p.free(b).unwrap();
+        let b = p.alloc(100).unwrap();
+        assert_eq!(b.iova, first, "the run is reused");
+        assert!(b.bytes(4096).iter().all(|&x| x == 0), "no stale byte anywhere in the page");
+        p.free(b).unwrap();
+        assert_eq!((p.live(), dma.live()), (0, 1));
+        p.release().unwrap();
+        assert_eq!(dma.live(), 0);
+    }
+
+    #[test]
+    fn pool_grows_with_runs_larger_than_a_chunk() {
+        let (dma, _) = dma();
+        let mut p = BouncePool::new(dma.clone(), 0, Strategy::Pool, 1).unwrap();
+        let big = p.alloc(100 * 4096).unwrap();
+        assert_eq!(p.chunks(), 2);
+        assert!(big.bytes(big.cap).iter().all(|&x| x == 0));
+        let small: Vec<_> = (0..64).map(|_| p.alloc(1).unwrap()).collect();
+        assert_eq!(p.chunks(), 2, "the first chunk still had 64 pages");
+        for b in small.into_iter().chain([big]) {
+            p.free(b).unwrap();
+        }
+        assert_eq!(p.live(), 0);
+    }
+
+    #[test]
+    fn per_element_maps_and_unmaps_each_buffer() {
+        let (dma, _) = dma();
+        let mut p = BouncePool::new(dma.clone(), 0, Strategy::PerElement, 1).unwrap();
+        assert_eq!(dma.live(), 0, "nothing up front");
+        let a = p.alloc(10).unwrap();
+        let b = p.alloc(5000).unwrap();
+        assert_eq!((dma.live(), b.cap), (2, 8192));
+        assert!(b.bytes(8192).iter().all(|&x| x == 0));
+        p.free(a).unwrap();
+        p.free(b).unwrap();
+        assert_eq!(dma.live(), 0);
+        assert_eq!(dma.counts(), (2, 2));
+    }
+
+    #[test]
+    fn a_failed_map_takes_nothing() {
+        let (dma, faults) = dma();
+        let mut p = BouncePool::new(dma.clone(), 0, Strategy::PerElement, 0).unwrap();
+        faults.fail_map_at(1);
+        assert!(p.alloc(10).is_err());
+        assert_eq!((p.live(), dma.live()), (0, 0));
+        let mut pool = BouncePool::new(dma.clone(), 0, Strategy::Pool, 0).unwrap();
+        faults.fail_map_at(1);
+        assert!(pool.alloc(10).is_err(), "growing the pool failed");
+        assert_eq!((pool.chunks(), dma.live()), (0, 0));
+        assert!(pool.alloc(10).is_ok(), "and works once the device maps again");
+    }
+}

@@ -1,0 +1,655 @@
+//! One shadow virtqueue: pops the guest's chains, forwards them on the shadow ring the
+//! device reads, reaps and validates the device's used entries, and completes the guest's
+//! chains.
+//!
+//! Forwarding is either **translate** (zero copy: each guest address becomes the IOVA
+//! where that guest memory is mapped) or **copy** (the readable bytes are linearized into
+//! one bounce buffer and the writable side gets one zeroed bounce buffer: one descriptor
+//! per direction, the device never sees guest memory, and the guest cannot change a
+//! command after it was copied). Injected elements always travel in bounce buffers.
+
+mod hook;
+mod status;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub use hook::{InjectResult, InjectSlot, QueueHook, Verdict};
+pub use status::{FaultKind, QueueFault, QueueHealth, QueueStats};
+
+use crate::bounce::{BounceBuf, BouncePool, Strategy};
+use crate::dma::Dma;
+use crate::eventfd::EventFd;
+use crate::mem::GuestMemory;
+use crate::ring::{Buf, Chain, RingReader, RingWriter, Segment};
+
+/// Counts on the engine thread, the counters' only writer: a plain load and store, no
+/// locked read-modify-write on the hot path. Readers on other threads see a recent value.
+fn bump(a: &AtomicU64, n: u64) {
+    a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+/// Where one guest memory region is mapped for the device.
+#[derive(Debug, Clone, Copy)]
+pub struct RegionIova {
+    /// First guest address.
+    pub gpa: u64,
+    /// Length.
+    pub size: u64,
+    /// IOVA of `gpa`.
+    pub iova: u64,
+}
+
+/// How guest elements reach the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarding {
+    /// Guest addresses translated to IOVAs.
+    Translate,
+    /// Bytes copied through bounce buffers.
+    Copy(Strategy),
+}
+
+/// The eventfds of a shadowed queue.
+#[derive(Debug)]
+pub struct ShadowFds {
+    /// The guest kicks this.
+    pub guest_kick: Arc<EventFd>,
+    /// We call the guest through this.
+    pub guest_call: Arc<EventFd>,
+    /// We kick the device through this.
+    pub device_kick: EventFd,
+    /// The device calls us through this.
+    pub device_call: EventFd,
+}
+
+/// Where bounce buffers of this queue come from: the session's IOVA space and the address
+/// space of the queue's group.
+#[derive(Debug, Clone)]
+pub struct BounceSpace {
+    /// The session's IOVA space.
+    pub dma: Arc<Dma>,
+    /// The queue's address space.
+    pub asid: u32,
+    /// Strategy for injected elements on translate queues (copy queues have their own).
+    pub strategy: Strategy,
+}
+
+#[derive(Debug)]
+enum Origin {
+    Guest(u16),
+    Injected(Arc<InjectSlot>),
+}
+
+/// An element on its way to the shadow ring.
+#[derive(Debug)]
+struct Element {
+    origin: Origin,
+    /// The guest chain (empty for injected elements).
+    chain: Chain,
+    /// A private copy of the readable bytes, when a hook needs them or svq made them.
+    out_bytes: Option<Vec<u8>>,
+    out_len: u64,
+    in_len: u64,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    origin: Origin,
+    out_buf: Option<BounceBuf>,
+    in_buf: Option<BounceBuf>,
+    /// The guest's writable segments (copy-back target, or what hooks read in translate).
+    guest_in: Vec<Segment>,
+    out_bytes: Option<Vec<u8>>,
+}
+
+enum Sent {
+    Yes,
+    /// No room on the shadow ring: the element waits.
+    Full(Element),
+    /// Completed without the device (map failure).
+    Completed,
+}
+
+/// One shadow virtqueue.
+#[derive(Debug)]
+pub struct ShadowQueue {
+    /// Queue index on the device.
+    pub index: u32,
+    forwarding: Forwarding,
+    guest: RingReader,
+    shadow: RingWriter,
+    mem: Arc<GuestMemory>,
+    regions: Vec<RegionIova>,
+    in_flight: Vec<Option<InFlight>>,
+    held: Option<Element>,
+    injected: VecDeque<Element>,
+    bounce_space: Option<BounceSpace>,
+    bounce: Option<BouncePool>,
+    hooks: Vec<HookBox>,
+    /// Guest used entries pushed since the last call decision.
+    pushed: bool,
+    /// Chains to reuse, so that translate forwarding allocates nothing per element.
+    spare: Vec<Chain>,
+    bufs: Vec<Buf>,
+    /// The queue's eventfds.
+    pub fds: ShadowFds,
+    stats: Arc<QueueStats>,
+    health: Arc<QueueHealth>,
+}
+
+/// A boxed hook (Debug for the queue's derive).
+pub struct HookBox(pub Box<dyn QueueHook>);
+
+impl std::fmt::Debug for HookBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueueHook")
+    }
+}
+
+/// Everything a shadow queue is built from.
+#[derive(Debug)]
+pub struct ShadowParts {
+    /// Queue index.
+    pub index: u32,
+    /// Translate or copy.
+    pub forwarding: Forwarding,
+    /// Reader over the guest ring.
+    pub guest: RingReader,
+    /// Writer over the shadow ring.
+    pub shadow: RingWriter,
+    /// Guest memory.
+    pub mem: Arc<GuestMemory>,
+    /// Where guest memory is mapped (translate).
+    pub regions: Vec<RegionIova>,
+    /// Eventfds.
+    pub fds: ShadowFds,
+    /// Counters.
+    pub stats: Arc<QueueStats>,
+    /// Health.
+    pub health: Arc<QueueHealth>,
+    /// Bounce buffer source (None: the queue cannot copy or inject).
+    pub bounce_space: Option<BounceSpace>,
+    /// A pool made up front (copy mode), or None to make one on first use.
+    pub bounce: Option<BouncePool>,
+}
+
+impl ShadowQueue {
+    /// A shadow queue from its parts.
+    pub fn new(p: ShadowParts) -> Self {
+        let size = p.shadow.size() as usize;
+        ShadowQueue {
+            index: p.index,
+            forwarding: p.forwarding,
+            guest: p.guest,
+            shadow: p.shadow,
+            mem: p.mem,
+            regions: p.regions,
+            in_flight: (0..size).map(|_| None).collect(),
+            held: None,
+            injected: VecDeque::new(),
+            bounce_space: p.bounce_space,
+            bounce: p.bounce,
+            hooks: Vec::new(),
+            pushed: false,
+            spare: Vec::new(),
+            bufs: Vec::with_capacity(8),
+            fds: p.fds,
+            stats: p.stats,
+            health: p.health,
+        }
+    }
+
+    /// Adds a hook (hooks see elements in the order they were added).
+    pub fn add_hook(&mut self, hook: Box<dyn QueueHook>) {
+        self.hooks.push(HookBox(hook));
+    }
+
+    /// The queue's counters.
+    pub fn stats(&self) -> &QueueStats {
+        &self.stats
+    }
+
+    /// Whether the queue was broken.
+    pub fn is_broken(&self) -> bool {
+        self.health.fault().is_some()
+    }
+
+    /// Elements forwarded and not completed yet.
+    pub fn in_flight(&self) -> usize {
+        self.shadow.in_flight()
+    }
+
+    /// Marks the queue broken and wakes the guest so that a waiter sees it.
+    pub fn fail(&mut self, kind: FaultKind, message: String) {
+        bump(&self.stats.errors, 1);
+        self.health.set(kind, format!("queue {}: {message}", self.index));
+        // Whoever waits for an injected element learns it now rather than at a timeout;
+        // the element's buffers stay until the queue stops (the device may still use them).
+        let message = self.health.fault().map_or(message, |f| f.message);
+        let waiting = self.in_flight.iter().flatten().map(|f| &f.origin).chain(self.injected.iter().map(|e| &e.origin));
+        for origin in waiting {
+            if let Origin::Injected(slot) = origin {
+                slot.complete(Err(message.clone()));
+            }
+        }
+        self.fds.guest_call.signal();
+    }
+
+    /// Queues an element of svq's own: `out` readable bytes and `in_len` writable bytes,
+    /// completed through `slot`. Call [`ShadowQueue::forward`] to send it.
+    pub fn inject(&mut self, out: Vec<u8>, in_len: u32, slot: Arc<InjectSlot>) {
+        if let Some(f) = self.health.fault() {
+            slot.complete(Err(f.message));
+            return;
+        }
+        if out.is_empty() && in_len == 0 {
+            slot.complete(Err("an injected element needs readable or writable bytes".into()));
+            return;
+        }
+        bump(&self.stats.injected, 1);
+        let out_len = out.len() as u64;
+        self.injected.push_back(Element {
+            origin: Origin::Injected(slot),
+            chain: Chain::default(),
+            out_bytes: Some(out),
+            out_len,
+            in_len: in_len as u64,
+        });
+    }
+
+    /// Handles a guest kick (or new injected elements): forwards everything that fits,
+    /// then kicks the device once.
+    pub fn forward(&mut self) {
+        if self.is_broken() {
+            return;
+        }
+        loop {
+            self.guest.disable_notify();
+            let mut held = false;
+            loop {
+                let el = match self.next_element() {
+                    Ok(Some(el)) => el,
+                    Ok(None) => break,
+                    Err((kind, msg)) => {
+                        self.call_guest();
+                        return self.fail(kind, msg);
+                    }
+                };
+                match self.send(el) {
+                    Ok(Sent::Yes | Sent::Completed) => {}
+                    Ok(Sent::Full(el)) => {
+                        // Wait for completions to free descriptors; reaping resumes us.
+                        self.held = Some(el);
+                        bump(&self.stats.held, 1);
+                        held = true;
+                        break;
+                    }
+                    Err((kind, msg)) => {
+                        self.call_guest();
+                        return self.fail(kind, msg);
+                    }
+                }
+            }
+            self.kick_device();
+            self.call_guest();
+            if held || !self.guest.enable_notify() {
+                return;
+            }
+        }
+    }
+
+    /// The next element to send: one that waited for room, then injected ones, then the
+    /// guest's (passed through the hooks).
+    fn next_element(&mut self) -> Result<Option<Element>, (FaultKind, String)> {
+        if let Some(el) = self.held.take() {
+            return Ok(Some(el));
+        }
+        if let Some(el) = self.injected.pop_front() {
+            return Ok(Some(el));
+        }
+        loop {
+            let mut chain = self.spare.pop().unwrap_or_default();
+            match self.guest.pop(&*self.mem, &mut chain) {
+                Ok(true) => {}
+                Ok(false) => return Ok(None),
+                Err(e) => return Err((FaultKind::Guest, e.to_string())),
+            }
+            let mut el =
+                Element { origin: Origin::Guest(chain.head), out_len: chain.out_len, in_len: chain.in_len, chain, out_bytes: None };
+            if self.hooks.is_empty() {
+                return Ok(Some(el));
+            }
+            let out = self.gather(&el.chain.out, el.out_len)?;
+            let verdict = self
+                .hooks
+                .iter_mut()
+                .map(|h| h.0.avail(&out, el.in_len.min(u32::MAX as u64) as u32))
+                .find(|v| *v != Verdict::Forward)
+                .unwrap_or(Verdict::Forward);
+            match verdict {
+                Verdict::Forward => {
+                    el.out_bytes = Some(out);
+                    return Ok(Some(el));
+                }
+                Verdict::Answer(bytes) => {
+                    let n = self.scatter(&el.chain.inn, &bytes)?;
+                    self.complete_guest(el.chain.head, n as u32);
+                    bump(&self.stats.answered, 1);
+                }
+                Verdict::Refuse => {
+                    self.complete_guest(el.chain.head, 0);
+                    bump(&self.stats.refused, 1);
+                }
+            }
+        }
+    }
+
+    fn gather(&self, segs: &[Segment], total: u64) -> Result<Vec<u8>, (FaultKind, String)> {
+        let mut out = vec![0u8; total as usize];
+        let mut at = 0usize;
+        for s in segs {
+            self.mem
+                .read(s.addr, &mut out[at..at + s.len as usize])
+                .map_err(|e| (FaultKind::Guest, e.to_string()))?;
+            at += s.len as usize;
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` into the guest's writable segments; returns bytes written.
+    fn scatter(&self, segs: &[Segment], data: &[u8]) -> Result<usize, (FaultKind, String)> {
+        let mut at = 0usize;
+        for s in segs {
+            let n = (s.len as usize).min(data.len() - at);
+            if n == 0 {
+                break;
+            }
+            self.mem.write(s.addr, &data[at..at + n]).map_err(|e| (FaultKind::Guest, e.to_string()))?;
+            at += n;
+        }
+        Ok(at)
+    }
+
+    fn complete_guest(&mut self, head: u16, len: u32) {
+        self.guest.push_used(head, len);
+        bump(&self.stats.completed, 1);
+        self.pushed = true;
+    }
+
+    fn translate(regions: &[RegionIova], segs: &[Segment], write: bool, bufs: &mut Vec<Buf>) -> Result<(), (FaultKind, String)> {
+        for s in segs {
+            let mut addr = s.addr;
+            let end = s.addr + s.len as u64;
+            while addr < end {
+                let r = regions.iter().find(|r| addr >= r.gpa && addr < r.gpa + r.size).ok_or_else(|| {
+                    (FaultKind::Guest, format!("guest address {addr:#x} is not mapped for the device"))
+                })?;
+                let n = (r.gpa + r.size).min(end) - addr;
+                bufs.push(Buf { addr: r.iova + (addr - r.gpa), len: n as u32, write });
+                addr += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn too_large(&self, el: &Element, needed: usize) -> (FaultKind, String) {
+        let what = match el.origin {
+            Origin::Guest(h) => format!("chain {h}"),
+            Origin::Injected(_) => "an injected element".into(),
+        };
+        (FaultKind::TooLarge, format!("{what} needs {needed} shadow descriptors; the shadow ring has {}", self.shadow.size()))
+    }
+
+    fn send(&mut self, el: Element) -> Result<Sent, (FaultKind, String)> {
+        let copy = matches!(self.forwarding, Forwarding::Copy(_)) || matches!(el.origin, Origin::Injected(_));
+        if !copy {
+            self.bufs.clear();
+            Self::translate(&self.regions, &el.chain.out, false, &mut self.bufs)?;
+            Self::translate(&self.regions, &el.chain.inn, true, &mut self.bufs)?;
+            if self.bufs.len() > self.shadow.size() as usize {
+                return Err(self.too_large(&el, self.bufs.len()));
+            }
+            let added = self.shadow.add(&self.bufs);
+            let Ok(head) = added else { return Ok(Sent::Full(el)) };
+            let guest_in = if self.hooks.is_empty() {
+                self.spare.push(el.chain);
+                Vec::new()
+            } else {
+                el.chain.inn
+            };
+            self.in_flight[head as usize] =
+                Some(InFlight { origin: el.origin, out_buf: None, in_buf: None, guest_in, out_bytes: el.out_bytes });
+            bump(&self.stats.elements, 1);
+            bump(&self.stats.bytes_out, el.out_len);
+            return Ok(Sent::Yes);
+        }
+        // Copy: one descriptor per non-empty direction, counted before anything is taken.
+        let needed = (el.out_len > 0) as usize + (el.in_len > 0) as usize;
+        if needed > self.shadow.size() as usize {
+            return Err(self.too_large(&el, needed));
+        }
+        if needed > self.shadow.num_free() as usize {
+            return Ok(Sent::Full(el));
+        }
+        let (out_buf, in_buf) = match self.take_buffers(&el) {
+            Ok(b) => b,
+            Err(msg) => {
+                bump(&self.stats.map_failures, 1);
+                self.finish(el.origin, 0, Err(msg));
+                return Ok(Sent::Completed);
+            }
+        };
+        self.bufs.clear();
+        if let Some(b) = &out_buf {
+            self.bufs.push(Buf { addr: b.iova, len: el.out_len as u32, write: false });
+        }
+        if let Some(b) = &in_buf {
+            self.bufs.push(Buf { addr: b.iova, len: el.in_len as u32, write: true });
+        }
+        let added = self.shadow.add(&self.bufs);
+        // Room was checked above, so the add cannot fail.
+        let Ok(head) = added else { return Err((FaultKind::TooLarge, "shadow ring accounting".into())) };
+        self.in_flight[head as usize] =
+            Some(InFlight { origin: el.origin, out_buf, in_buf, guest_in: el.chain.inn, out_bytes: el.out_bytes });
+        bump(&self.stats.elements, 1);
+        bump(&self.stats.bytes_out, el.out_len);
+        Ok(Sent::Yes)
+    }
+
+    fn pool(&mut self) -> Result<&mut BouncePool, String> {
+        if self.bounce.is_none() {
+            let s = self.bounce_space.as_ref().ok_or_else(|| format!("queue {} has no bounce buffer space", self.index))?;
+            let strategy = match self.forwarding {
+                Forwarding::Copy(st) => st,
+                Forwarding::Translate => s.strategy,
+            };
+            self.bounce = Some(BouncePool::new(s.dma.clone(), s.asid, strategy, 1).map_err(|e| e.to_string())?);
+        }
+        self.bounce.as_mut().ok_or_else(|| "no bounce pool".to_string())
+    }
+
+    /// The element's bounce buffers, filled: readable bytes copied now (so a later change
+    /// of the guest's buffer changes nothing), writable side zeroed. A failure gives back
+    /// whatever was already taken.
+    fn take_buffers(&mut self, el: &Element) -> Result<(Option<BounceBuf>, Option<BounceBuf>), String> {
+        let mut out_buf = None;
+        if el.out_len > 0 {
+            let mut b = self.pool()?.alloc(el.out_len as usize).map_err(|e| e.to_string())?;
+            let filled = match &el.out_bytes {
+                Some(bytes) => {
+                    b.write(0, bytes);
+                    Ok(())
+                }
+                None => self.fill_from_guest(&mut b, &el.chain.out),
+            };
+            if let Err(e) = filled {
+                let _ = self.pool()?.free(b);
+                return Err(e);
+            }
+            out_buf = Some(b);
+        }
+        let mut in_buf = None;
+        if el.in_len > 0 {
+            match self.pool()?.alloc(el.in_len as usize) {
+                Ok(b) => in_buf = Some(b),
+                Err(e) => {
+                    if let Some(b) = out_buf {
+                        let _ = self.pool()?.free(b);
+                    }
+                    return Err(e.to_string());
+                }
+            }
+        }
+        Ok((out_buf, in_buf))
+    }
+
+    fn fill_from_guest(&self, b: &mut BounceBuf, segs: &[Segment]) -> Result<(), String> {
+        let mut at = 0usize;
+        let mut tmp = Vec::new();
+        for s in segs {
+            match self.mem.host_ptr(s.addr, s.len as u64) {
+                Ok(p) => {
+                    // SAFETY: host_ptr checked s.len bytes of guest memory at p.
+                    let src = unsafe { std::slice::from_raw_parts(p.as_ptr(), s.len as usize) };
+                    b.write(at, src);
+                }
+                Err(_) => {
+                    // The segment straddles two regions: copy it piecewise.
+                    tmp.resize(s.len as usize, 0);
+                    self.mem.read(s.addr, &mut tmp).map_err(|e| e.to_string())?;
+                    b.write(at, &tmp);
+                }
+            }
+            at += s.len as usize;
+        }
+        Ok(())
+    }
+
+    fn kick_device(&mut self) {
+        if self.shadow.publish() {
+            self.fds.device_kick.signal();
+            bump(&self.stats.device_kicks, 1);
+        } else {
+            bump(&self.stats.device_kicks_suppressed, 1);
+        }
+    }
+
+    /// Handles a device call: reaps and validates used entries, completes the elements,
+    /// then forwards anything that was waiting for room.
+    pub fn reap(&mut self) {
+        if self.is_broken() {
+            return;
+        }
+        loop {
+            self.shadow.disable_cb();
+            loop {
+                match self.shadow.pop_used() {
+                    Ok(Some((head, len))) => {
+                        // The writer only returns heads it has in flight.
+                        let Some(f) = self.in_flight[head as usize].take() else {
+                            self.call_guest();
+                            return self.fail(FaultKind::DeviceProtocol, format!("used id {head} has no element"));
+                        };
+                        bump(&self.stats.bytes_in, len as u64);
+                        if let Err((kind, msg)) = self.complete(f, len) {
+                            self.call_guest();
+                            return self.fail(kind, msg);
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.call_guest();
+                        return self.fail(FaultKind::DeviceProtocol, e.to_string());
+                    }
+                }
+            }
+            self.call_guest();
+            if !self.shadow.enable_cb() {
+                break;
+            }
+        }
+        if self.held.is_some() || !self.injected.is_empty() {
+            self.forward();
+        }
+    }
+
+    /// Completes one element the device returned with `len` (already checked against the
+    /// writable size): copies the written bytes back, runs the hooks, frees the buffers.
+    fn complete(&mut self, f: InFlight, len: u32) -> Result<(), (FaultKind, String)> {
+        let hooked = f.out_bytes.is_some() && !self.hooks.is_empty();
+        let injected = matches!(f.origin, Origin::Injected(_));
+        // Copy back exactly `len` bytes straight from the bounce buffer.
+        if let (Some(b), Origin::Guest(_)) = (&f.in_buf, &f.origin) {
+            self.scatter(&f.guest_in, b.bytes(len as usize))?;
+        }
+        // A private copy only for whoever reads it: hooks and injectors.
+        let written: Vec<u8> = match &f.in_buf {
+            Some(b) if hooked || injected => b.bytes(len as usize).to_vec(),
+            None if hooked => self.gather(&f.guest_in, len as u64)?,
+            _ => Vec::new(),
+        };
+        // Hooks see the completions of elements they saw (or svq injected): those carry
+        // their readable bytes.
+        if let Some(out) = f.out_bytes.as_deref().filter(|_| hooked) {
+            self.hooks.iter_mut().for_each(|h| h.0.used(out, &written));
+        }
+        for b in [f.out_buf, f.in_buf].into_iter().flatten() {
+            if let Some(p) = self.bounce.as_mut() {
+                let _ = p.free(b);
+            }
+        }
+        self.finish(f.origin, len, Ok(written));
+        Ok(())
+    }
+
+    fn finish(&mut self, origin: Origin, len: u32, result: Result<Vec<u8>, String>) {
+        match origin {
+            Origin::Guest(head) => self.complete_guest(head, len),
+            Origin::Injected(slot) => slot.complete(result.map(|w| (len, w))),
+        }
+    }
+
+    fn call_guest(&mut self) {
+        if !std::mem::take(&mut self.pushed) {
+            return;
+        }
+        if self.guest.publish_used() {
+            self.fds.guest_call.signal();
+            bump(&self.stats.guest_calls, 1);
+        } else {
+            bump(&self.stats.guest_calls_suppressed, 1);
+        }
+    }
+
+    /// Stops the queue after the device was reset: every element in flight or waiting is
+    /// returned (guest elements completed with length 0, injected ones failed), every
+    /// bounce buffer freed and the pool unmapped. Returns how many elements came back.
+    pub fn stop(&mut self) -> usize {
+        let mut returned = 0;
+        let heads: Vec<u16> = self.shadow.in_flight_heads().collect();
+        for head in heads {
+            self.shadow.reclaim(head);
+            if let Some(f) = self.in_flight[head as usize].take() {
+                for b in [f.out_buf, f.in_buf].into_iter().flatten() {
+                    if let Some(p) = self.bounce.as_mut() {
+                        let _ = p.free(b);
+                    }
+                }
+                self.finish(f.origin, 0, Err(format!("queue {} stopped", self.index)));
+                returned += 1;
+            }
+        }
+        let waiting: Vec<Element> = self.held.take().into_iter().chain(self.injected.drain(..)).collect();
+        for el in waiting {
+            self.finish(el.origin, 0, Err(format!("queue {} stopped", self.index)));
+            returned += 1;
+        }
+        bump(&self.stats.returned_on_stop, returned as u64);
+        self.call_guest();
+        if let Some(mut p) = self.bounce.take() {
+            let _ = p.release();
+        }
+        returned
+    }
+}
