@@ -10,6 +10,26 @@ use nix::unistd;
 
 use crate::live;
 
+static CREATED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static FAIL_AT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Fault injection: the `n`-th eventfd created from now fails with EMFILE (0 disarms).
+pub fn fail_creation_at(n: u64) {
+    use std::sync::atomic::Ordering::SeqCst;
+    CREATED.store(0, SeqCst);
+    FAIL_AT.store(n, SeqCst);
+}
+
+fn creation_fails() -> bool {
+    use std::sync::atomic::Ordering::SeqCst;
+    let n = CREATED.fetch_add(1, SeqCst) + 1;
+    let hit = FAIL_AT.load(SeqCst) == n;
+    if hit {
+        FAIL_AT.store(0, SeqCst);
+    }
+    hit
+}
+
 /// A non-blocking eventfd, counted in [`live::eventfds`].
 #[derive(Debug)]
 pub struct EventFd {
@@ -19,6 +39,9 @@ pub struct EventFd {
 impl EventFd {
     /// A new non-blocking, close-on-exec eventfd.
     pub fn new() -> Result<Self, Errno> {
+        if creation_fails() {
+            return Err(Errno::EMFILE);
+        }
         let fd: OwnedFd = NixEventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?.into();
         live::eventfd_opened();
         Ok(EventFd { fd })

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
 use crate::device::sim::SimDevice;
-use crate::device::faulty::FaultInjector;
+use crate::device::faulty::{FaultInjector, FaultPoint};
 use crate::device::vdpa::VhostVdpa;
 use crate::device::{Device as DeviceTrait, DeviceError};
 use crate::driver::DriverError;
@@ -273,16 +273,41 @@ impl Device {
         py.detach(|| dev.iotlb(asid, &[crate::device::IotlbOp::Invalidate { iova, size }])).map_err(device_err)
     }
 
-    /// Makes the `n`-th IOTLB map from now fail with ENOMEM (0 disarms): fault injection
-    /// for any backend.
-    fn fail_map_at(&self, n: u64) -> PyResult<()> {
-        self.backend()?.device.fail_map_at(n);
+    /// Makes the embedded device break the virtio protocol on `queue` (tests): one of
+    /// "used_id_out_of_range", "used_id_not_in_flight", "duplicate_completion",
+    /// "used_idx_jump", "used_idx_backwards", "len_too_large", "never_complete",
+    /// "needs_reset"; None to behave again.
+    #[pyo3(signature = (queue, how))]
+    fn misbehave(&self, queue: u32, how: Option<&str>) -> PyResult<()> {
+        use crate::device::sim::Misbehaviour as M;
+        let sim = self.backend()?.sim.ok_or_else(|| PyValueError::new_err("only the embedded device can misbehave on purpose"))?;
+        let how = match how {
+            None => None,
+            Some("used_id_out_of_range") => Some(M::UsedIdOutOfRange),
+            Some("used_id_not_in_flight") => Some(M::UsedIdNotInFlight),
+            Some("duplicate_completion") => Some(M::DuplicateCompletion),
+            Some("used_idx_jump") => Some(M::UsedIdxJump),
+            Some("used_idx_backwards") => Some(M::UsedIdxBackwards),
+            Some("len_too_large") => Some(M::LenTooLarge),
+            Some("never_complete") => Some(M::NeverComplete),
+            Some("needs_reset") => Some(M::NeedsReset),
+            Some(h) => return Err(PyValueError::new_err(format!("unknown misbehaviour {h:?}"))),
+        };
+        sim.misbehave(queue, how).map_err(device_err)
+    }
+
+    /// Fault injection for any backend: the `n`-th call at `point` from now fails (0
+    /// disarms). `point` is "map" (IOTLB updates, ENOMEM), "unmap" (IOTLB invalidations,
+    /// EIO) or "ioctl" (every other device call, EIO).
+    #[pyo3(signature = (point, n))]
+    fn fail_at(&self, point: &str, n: u64) -> PyResult<()> {
+        self.backend()?.device.fail_at(fault_point(point)?, n);
         Ok(())
     }
 
-    /// IOTLB maps sent since the last `fail_map_at`.
-    fn maps_sent(&self) -> PyResult<u64> {
-        Ok(self.backend()?.device.maps())
+    /// Calls seen at `point` since it was last armed.
+    fn calls_seen(&self, point: &str) -> PyResult<u64> {
+        Ok(self.backend()?.device.seen(fault_point(point)?))
     }
 
     /// Accesses the embedded device refused (empty for kernel devices).
@@ -308,6 +333,15 @@ impl Device {
     fn close(&self, py: Python<'_>) {
         let b = lock(&self.backend).take();
         py.detach(move || drop(b));
+    }
+}
+
+fn fault_point(p: &str) -> PyResult<FaultPoint> {
+    match p {
+        "map" => Ok(FaultPoint::Map),
+        "unmap" => Ok(FaultPoint::Unmap),
+        "ioctl" => Ok(FaultPoint::Ioctl),
+        p => Err(PyValueError::new_err(format!("unknown fault point {p:?}: use map, unmap or ioctl"))),
     }
 }
 
@@ -786,12 +820,20 @@ fn live_resources<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     Ok(d)
 }
 
+/// Fault injection: the `n`-th eventfd svq creates from now fails with EMFILE (0
+/// disarms).
+#[pyfunction]
+fn fail_eventfd_at(n: u64) {
+    crate::eventfd::fail_creation_at(n);
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Device>()?;
     m.add_class::<Session>()?;
     m.add_function(wrap_pyfunction!(live_resources, m)?)?;
+    m.add_function(wrap_pyfunction!(fail_eventfd_at, m)?)?;
     crate::bench::register(m)?;
     m.add("SvqError", py.get_type::<SvqError>())?;
     m.add("NegotiationError", py.get_type::<NegotiationError>())?;

@@ -661,7 +661,7 @@ impl Session {
         }
         keep(dev.set_config_call(None).map_err(Into::into));
         for q in &mut queues {
-            q.stop();
+            keep(q.stop().map(drop).map_err(Into::into));
         }
         drop(queues);
         keep(self.dma.unmap_all().map_err(Into::into));

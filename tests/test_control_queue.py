@@ -109,6 +109,7 @@ def test_refused_commands_leave_the_state_unchanged(cvq_session: svq.Session) ->
     assert s.cvq_info()["acked"] == 0
 
 
+@pytest.mark.hostile
 def test_malformed_commands_get_err_without_reaching_the_device(cvq_session: svq.Session) -> None:
     s = cvq_session
     for bad in [b"\x01", bytes([net.CLASS_MAC, 1]) + b"\x01\x02", bytes([9, 0]), net.rx_mode("promisc", True)[:2] + b"\x07",

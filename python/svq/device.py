@@ -72,14 +72,30 @@ class Device:
         """Unmaps a range behind any session's back (for fault tests)."""
         self._native.unmap(asid, iova, size)
 
+    def fail_at(self, point: str, n: int) -> None:
+        """Fault injection on any backend: the ``n``-th call at ``point`` from now fails
+        (0 disarms). ``point``: ``"map"`` (IOTLB updates, ENOMEM), ``"unmap"`` (IOTLB
+        invalidations, EIO) or ``"ioctl"`` (every other device call, EIO)."""
+        self._native.fail_at(point, n)
+
     def fail_map_at(self, n: int) -> None:
-        """Fault injection: the ``n``-th IOTLB map from now fails with ENOMEM (0
-        disarms). Works on every backend."""
-        self._native.fail_map_at(n)
+        """The ``n``-th IOTLB map from now fails with ENOMEM (0 disarms)."""
+        self.fail_at("map", n)
+
+    def calls_seen(self, point: str) -> int:
+        """Calls seen at ``point`` since it was last armed."""
+        return self._native.calls_seen(point)
 
     def maps_sent(self) -> int:
-        """IOTLB maps sent since the last :meth:`fail_map_at`."""
-        return self._native.maps_sent()
+        """IOTLB maps sent since :meth:`fail_map_at` was last called."""
+        return self.calls_seen("map")
+
+    def misbehave(self, queue: int, how: str | None) -> None:
+        """Makes the embedded device break the virtio protocol on ``queue`` on purpose:
+        ``"used_id_out_of_range"``, ``"used_id_not_in_flight"``, ``"duplicate_completion"``,
+        ``"used_idx_jump"``, ``"used_idx_backwards"``, ``"len_too_large"``,
+        ``"never_complete"``, ``"needs_reset"``; None to behave again."""
+        self._native.misbehave(queue, how)
 
     def faults(self) -> list[str]:
         """Accesses the embedded device refused since its last reset."""

@@ -1,5 +1,6 @@
-//! A device wrapper that makes the n-th IOTLB map fail (ENOMEM), to show that every
-//! failure path unwinds what it took. It forwards everything else unchanged.
+//! A device wrapper that makes the n-th map, unmap or other device call fail, to show
+//! that every failure path unwinds what it took and keeps the cause. It forwards
+//! everything else unchanged.
 
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,38 +10,81 @@ use nix::errno::Errno;
 
 use super::{Device, DeviceError, DeviceResult, IotlbOp};
 
-/// Wraps a device; [`FaultInjector::fail_map_at`] arms a failure.
+/// Which kind of device call a failure is armed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// IOTLB updates (counted per update message), failing with ENOMEM.
+    Map = 0,
+    /// IOTLB invalidations (counted per message), failing with EIO.
+    Unmap = 1,
+    /// Every other device call (one per ioctl), failing with EIO.
+    Ioctl = 2,
+}
+
+/// Wraps a device; [`FaultInjector::fail_at`] arms a failure.
 #[derive(Debug)]
 pub struct FaultInjector {
     inner: Arc<dyn Device>,
-    /// IOTLB updates seen so far.
-    maps: AtomicU64,
-    /// The update number that fails (1-based; 0: none).
-    fail_at: AtomicU64,
+    /// Calls seen per fault point since it was last armed.
+    seen: [AtomicU64; 3],
+    /// The call number that fails, per fault point (1-based; 0: none).
+    armed: [AtomicU64; 3],
 }
 
 impl FaultInjector {
     /// Wraps `inner` with no failure armed.
     pub fn new(inner: Arc<dyn Device>) -> Self {
-        FaultInjector { inner, maps: AtomicU64::new(0), fail_at: AtomicU64::new(0) }
+        FaultInjector { inner, seen: Default::default(), armed: Default::default() }
     }
 
-    /// Makes the `n`-th IOTLB update from now fail (0 disarms). The call that carries it
-    /// is refused as a whole, as a batch the device rejects.
+    /// Makes the `n`-th call at `point` from now fail (0 disarms). A call that carries
+    /// several messages is refused as a whole, as a batch the device rejects.
+    pub fn fail_at(&self, point: FaultPoint, n: u64) {
+        self.seen[point as usize].store(0, Ordering::SeqCst);
+        self.armed[point as usize].store(n, Ordering::SeqCst);
+    }
+
+    /// Makes the `n`-th IOTLB map from now fail (see [`FaultInjector::fail_at`]).
     pub fn fail_map_at(&self, n: u64) {
-        self.maps.store(0, Ordering::SeqCst);
-        self.fail_at.store(n, Ordering::SeqCst);
+        self.fail_at(FaultPoint::Map, n)
+    }
+
+    /// Calls seen at `point` since it was last armed.
+    pub fn seen(&self, point: FaultPoint) -> u64 {
+        self.seen[point as usize].load(Ordering::SeqCst)
     }
 
     /// IOTLB updates seen since the last [`FaultInjector::fail_map_at`].
     pub fn maps(&self) -> u64 {
-        self.maps.load(Ordering::SeqCst)
+        self.seen(FaultPoint::Map)
+    }
+
+    /// Counts `n` calls at `point`; true when the armed one is among them (then disarms).
+    fn trips(&self, point: FaultPoint, n: u64) -> bool {
+        let i = point as usize;
+        let before = self.seen[i].fetch_add(n, Ordering::SeqCst);
+        let at = self.armed[i].load(Ordering::SeqCst);
+        let hit = at != 0 && before < at && at <= before + n;
+        if hit {
+            self.armed[i].store(0, Ordering::SeqCst);
+        }
+        hit
+    }
+
+    fn ioctl(&self, what: &str) -> DeviceResult<()> {
+        if self.trips(FaultPoint::Ioctl, 1) {
+            return Err(DeviceError::os(format!("{what} (injected failure)"), Errno::EIO));
+        }
+        Ok(())
     }
 }
 
 macro_rules! forward {
     ($($name:ident($($arg:ident: $t:ty),*) -> $r:ty;)*) => {
-        $(fn $name(&self, $($arg: $t),*) -> $r { self.inner.$name($($arg),*) })*
+        $(fn $name(&self, $($arg: $t),*) -> $r {
+            self.ioctl(stringify!($name))?;
+            self.inner.$name($($arg),*)
+        })*
     };
 }
 
@@ -77,11 +121,11 @@ impl Device for FaultInjector {
 
     fn iotlb(&self, asid: u32, ops: &[IotlbOp]) -> DeviceResult<()> {
         let updates = ops.iter().filter(|o| matches!(o, IotlbOp::Update { .. })).count() as u64;
-        let before = self.maps.fetch_add(updates, Ordering::SeqCst);
-        let at = self.fail_at.load(Ordering::SeqCst);
-        if at != 0 && before < at && at <= before + updates {
-            self.fail_at.store(0, Ordering::SeqCst);
-            return Err(DeviceError::os(format!("IOTLB update #{at} in ASID {asid} (injected failure)"), Errno::ENOMEM));
+        if self.trips(FaultPoint::Map, updates) {
+            return Err(DeviceError::os(format!("IOTLB update in ASID {asid} (injected failure)"), Errno::ENOMEM));
+        }
+        if self.trips(FaultPoint::Unmap, ops.len() as u64 - updates) {
+            return Err(DeviceError::os(format!("IOTLB invalidate in ASID {asid} (injected failure)"), Errno::EIO));
         }
         self.inner.iotlb(asid, ops)
     }

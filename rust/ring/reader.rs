@@ -235,7 +235,9 @@ impl RingReader {
                 if !self.indirect {
                     return Err(ChainError::IndirectNotNegotiated { head });
                 }
-                if flags & VRING_DESC_F_NEXT != 0 {
+                // The table is the whole chain (a driver never chains past one, and a
+                // table after direct descriptors would let a chain exceed the queue size).
+                if flags & VRING_DESC_F_NEXT != 0 || idx != head {
                     return Err(ChainError::NestedIndirect { head });
                 }
                 return self.walk_indirect(mem, head, d, chain);
@@ -294,6 +296,21 @@ impl RingReader {
     pub fn push_used(&mut self, head: u16, len: u32) {
         self.ring.set_used_entry(self.used_idx, head as u32, len);
         self.used_idx = self.used_idx.wrapping_add(1);
+    }
+
+    /// The used index after the entries pushed so far (published or not).
+    pub fn used_idx(&self) -> u16 {
+        self.used_idx
+    }
+
+    /// Entries pushed and not yet published.
+    pub fn unpublished(&self) -> u16 {
+        self.used_idx.wrapping_sub(self.signalled_used)
+    }
+
+    /// Forgets entries pushed and not yet published (a device that never completes them).
+    pub fn discard_unpublished(&mut self) {
+        self.used_idx = self.signalled_used;
     }
 
     /// Makes pushed entries visible and says whether the driver wants a notification.

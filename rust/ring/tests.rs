@@ -168,6 +168,16 @@ fn indirect_tables_are_validated() {
 }
 
 #[test]
+fn an_indirect_table_after_direct_descriptors_is_refused() {
+    let d = Descriptor::new;
+    let mut mem = flat();
+    mem.tables.insert(0x8000, vec![d(0x1000, 8, 0, 0)]);
+    let t = test_ring(8);
+    raw(&t, &[(0, d(0x1000, 8, VRING_DESC_F_NEXT, 1)), (1, d(0x8000, 16, VRING_DESC_F_INDIRECT, 0))], &[0]);
+    assert!(matches!(pop_err(&t, true, &mem), ChainError::NestedIndirect { head: 0 }));
+}
+
+#[test]
 fn avail_index_jump_is_refused_without_consuming() {
     let t = test_ring(8);
     t.ring.set_avail_idx(9);

@@ -18,7 +18,7 @@ use std::sync::Arc;
 pub use hook::{InjectResult, InjectSlot, QueueHook, Verdict};
 pub use status::{FaultKind, QueueFault, QueueHealth, QueueStats};
 
-use crate::bounce::{BounceBuf, BouncePool, Strategy};
+use crate::bounce::{BounceBuf, BounceError, BouncePool, Strategy};
 use crate::dma::Dma;
 use crate::eventfd::EventFd;
 use crate::mem::GuestMemory;
@@ -624,16 +624,18 @@ impl ShadowQueue {
 
     /// Stops the queue after the device was reset: every element in flight or waiting is
     /// returned (guest elements completed with length 0, injected ones failed), every
-    /// bounce buffer freed and the pool unmapped. Returns how many elements came back.
-    pub fn stop(&mut self) -> usize {
+    /// bounce buffer freed and the pool unmapped. Every step runs; the first failure to
+    /// unmap is returned after them.
+    pub fn stop(&mut self) -> Result<usize, BounceError> {
+        let mut first = None;
         let mut returned = 0;
         let heads: Vec<u16> = self.shadow.in_flight_heads().collect();
         for head in heads {
             self.shadow.reclaim(head);
             if let Some(f) = self.in_flight[head as usize].take() {
                 for b in [f.out_buf, f.in_buf].into_iter().flatten() {
-                    if let Some(p) = self.bounce.as_mut() {
-                        let _ = p.free(b);
+                    if let Some(Err(e)) = self.bounce.as_mut().map(|p| p.free(b)) {
+                        first.get_or_insert(e);
                     }
                 }
                 self.finish(f.origin, 0, Err(format!("queue {} stopped", self.index)));
@@ -647,9 +649,9 @@ impl ShadowQueue {
         }
         bump(&self.stats.returned_on_stop, returned as u64);
         self.call_guest();
-        if let Some(mut p) = self.bounce.take() {
-            let _ = p.release();
+        if let Some(Err(e)) = self.bounce.take().map(|mut p| p.release()) {
+            first.get_or_insert(e);
         }
-        returned
+        first.map_or(Ok(returned), Err)
     }
 }

@@ -60,6 +60,29 @@ pub enum SimKind {
     },
 }
 
+/// Ways the embedded device can break the virtio protocol on purpose, to test that svq
+/// survives a buggy or hostile device. Each applies to every completion on its queue
+/// until cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Misbehaviour {
+    /// Used entries name an id outside the queue.
+    UsedIdOutOfRange,
+    /// Used entries name the next id instead of the completed one.
+    UsedIdNotInFlight,
+    /// Every completion is written twice.
+    DuplicateCompletion,
+    /// The used index jumps by more than the queue size.
+    UsedIdxJump,
+    /// The used index goes backwards.
+    UsedIdxBackwards,
+    /// Used lengths larger than any buffer.
+    LenTooLarge,
+    /// Completions never come (the device keeps the buffers).
+    NeverComplete,
+    /// The device enters NEEDS_RESET instead of completing.
+    NeedsReset,
+}
+
 /// Per-queue state, as set through the vring ioctls.
 #[derive(Debug, Default)]
 struct SimQueue {
@@ -73,6 +96,8 @@ struct SimQueue {
     call: Option<EventFd>,
     /// Created when the device starts (DRIVER_OK) on an enabled queue.
     reader: Option<RingReader>,
+    /// Deliberate protocol violations (tests).
+    misbehaviour: Option<Misbehaviour>,
 }
 
 /// Counters of what the device did (readable for tests and `svq info`).
@@ -190,6 +215,11 @@ impl SimDevice {
         self.state().stats
     }
 
+    /// Makes the device break the protocol on `queue` (None: behave again).
+    pub fn misbehave(&self, queue: u32, how: Option<Misbehaviour>) -> DeviceResult<()> {
+        self.with_queue(queue, |q| q.misbehaviour = how)
+    }
+
     /// Live mappings per address space.
     pub fn mappings_per_asid(&self) -> Vec<usize> {
         self.state().spaces.iter().map(|s| s.len()).collect()
@@ -259,7 +289,7 @@ impl SimState {
         self.status = 0;
         self.suspended = false;
         for q in &mut self.queues {
-            *q = SimQueue { kick: q.kick.take(), call: q.call.take(), ..SimQueue::default() };
+            *q = SimQueue { kick: q.kick.take(), call: q.call.take(), misbehaviour: q.misbehaviour, ..SimQueue::default() };
         }
         self.group_asid.iter_mut().for_each(|a| *a = 0);
         if self.backend_features & (1 << bf::IOTLB_PERSIST) == 0 {
@@ -320,14 +350,39 @@ impl SimState {
         }
     }
 
-    /// Publishes queue `q`'s used entries and calls the driver when it wants it.
+    /// Publishes queue `q`'s used entries and calls the driver when it wants it (after
+    /// breaking the protocol first, when told to).
     fn complete(&mut self, q: usize) {
+        let misbehaviour = self.queues[q].misbehaviour;
+        if misbehaviour == Some(Misbehaviour::NeedsReset) {
+            if let Some(r) = self.queues[q].reader.as_mut() {
+                r.discard_unpublished();
+            }
+            return self.fault(q, "told to misbehave: NEEDS_RESET".into());
+        }
         let queue = &mut self.queues[q];
-        if let Some(r) = queue.reader.as_mut() {
-            if r.publish_used() {
-                if let Some(c) = &queue.call {
-                    c.signal();
-                }
+        let Some(r) = queue.reader.as_mut() else { return };
+        let size = r.ring().size();
+        let last = r.used_idx().wrapping_sub(1);
+        let (id, len) = r.ring().used_entry(last);
+        match misbehaviour {
+            _ if r.unpublished() == 0 => {}
+            Some(Misbehaviour::UsedIdOutOfRange) => r.ring().set_used_entry(last, size as u32 + 7, len),
+            Some(Misbehaviour::UsedIdNotInFlight) => r.ring().set_used_entry(last, (id + 1) % size as u32, len),
+            Some(Misbehaviour::DuplicateCompletion) => r.push_used(id as u16, len),
+            Some(Misbehaviour::LenTooLarge) => r.ring().set_used_entry(last, id, 0x10_0000),
+            Some(Misbehaviour::NeverComplete) => r.discard_unpublished(),
+            _ => {}
+        }
+        let notify = r.publish_used();
+        match misbehaviour {
+            Some(Misbehaviour::UsedIdxJump) => r.ring().set_used_idx(r.used_idx().wrapping_add(size + 1)),
+            Some(Misbehaviour::UsedIdxBackwards) => r.ring().set_used_idx(r.used_idx().wrapping_sub(2)),
+            _ => {}
+        }
+        if notify || matches!(misbehaviour, Some(Misbehaviour::UsedIdxJump | Misbehaviour::UsedIdxBackwards)) {
+            if let Some(c) = &queue.call {
+                c.signal();
             }
         }
     }

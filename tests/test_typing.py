@@ -1,0 +1,27 @@
+"""The extension's stubs match what it really exports, and the package type-checks."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+mypy = pytest.importorskip("mypy", reason="mypy is not installed (it comes with the test extras)")
+
+PACKAGE = pathlib.Path(__import__("svq").__file__).parent
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_stubs_match_the_extension() -> None:
+    r = run("mypy.stubtest", "svq._native")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_package_type_checks() -> None:
+    r = run("mypy", str(PACKAGE))
+    assert r.returncode == 0, r.stdout + r.stderr
