@@ -402,10 +402,16 @@ impl Session {
         }
         let config_call = EventFd::new().map_err(os("eventfd"))?;
         dev.set_config_call(Some(config_call.as_fd()))?;
-        // With a state to restore, the data queues start only after every ack is OK.
+        // With a state to restore, the data queues start only after every ack is OK, which
+        // needs a device that takes queue enables after DRIVER_OK.
         let late: Vec<u32> = match &cfg.restore {
-            Some(_) if self.backend_features & (1 << bf::ENABLE_AFTER_DRIVER_OK) != 0 => plan.data_queues.clone(),
-            _ => Vec::new(),
+            Some(_) if self.backend_features & (1 << bf::ENABLE_AFTER_DRIVER_OK) == 0 => {
+                return Err(SessionError::Negotiation(
+                    "restoring a state needs backend feature ENABLE_AFTER_DRIVER_OK (data queues start after the acks)".into(),
+                ))
+            }
+            Some(_) => plan.data_queues.clone(),
+            None => Vec::new(),
         };
         for q in (0..self.num_queues).filter(|q| !late.contains(q)) {
             dev.set_vring_enable(q, true)?;
