@@ -311,31 +311,41 @@ impl Driver {
         Ok(n)
     }
 
-    /// Waits until `want` chains completed (`whole`: read back every writable byte, not
-    /// just the used length) (or `timeout`), with notifications re-armed
-    /// before sleeping so that none is lost. Fails early when the queue breaks.
-    pub fn wait(&mut self, q: u32, want: usize, whole: bool, timeout: Duration) -> Result<Vec<Completion>, DriverError> {
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::with_capacity(want);
+    /// One step of a wait for `want` completions on queue `q`: reaps what is there into
+    /// `out`, and when more are needed re-arms notifications and returns the eventfd to
+    /// sleep on (None: `out` is complete). Whoever holds the driver behind a lock can
+    /// release it while sleeping, so other threads keep using the other queues.
+    pub fn wait_step(&mut self, q: u32, want: usize, whole: bool, out: &mut Vec<Completion>) -> Result<Option<Arc<EventFd>>, DriverError> {
         loop {
             self.queue(q)?.writer.disable_cb();
-            self.poll(q, want - out.len(), whole, &mut out)?;
+            self.poll(q, want.saturating_sub(out.len()), whole, out)?;
             if out.len() >= want {
-                return Ok(out);
+                return Ok(None);
             }
             let queue = self.queue(q)?;
             if let Some(f) = queue.spec.health.fault() {
                 return Err(DriverError::Broken(f));
             }
-            if queue.writer.enable_cb() {
-                continue;
+            // Re-arm, then re-check: a completion that raced the re-arm is reaped now.
+            if !queue.writer.enable_cb() {
+                return Ok(Some(queue.spec.call.clone()));
             }
+        }
+    }
+
+    /// Waits until `want` chains completed (`whole`: read back every writable byte, not
+    /// just the used length) or `timeout` passed. Fails early when the queue breaks.
+    pub fn wait(&mut self, q: u32, want: usize, whole: bool, timeout: Duration) -> Result<Vec<Completion>, DriverError> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(want);
+        while let Some(call) = self.wait_step(q, want, whole, &mut out)? {
             let now = Instant::now();
             if now >= deadline {
                 return Err(DriverError::Timeout { queue: q, got: out.len(), want, waited: timeout });
             }
-            queue.spec.call.wait(deadline - now);
+            call.wait(deadline - now);
         }
+        Ok(out)
     }
 
     /// Chains in flight on queue `q`.

@@ -686,7 +686,20 @@ impl Session {
     #[pyo3(signature = (q, count, timeout_s = 10.0, whole = false))]
     fn wait(&self, py: Python<'_>, q: u32, count: usize, timeout_s: f64, whole: bool) -> PyResult<Vec<CompletionTuple>> {
         let t = timeout(timeout_s)?;
-        let done = self.with(py, |s| Ok(s.driver()?.wait(q, count, whole, t)?))?;
+        let deadline = std::time::Instant::now() + t;
+        let mut done = Vec::with_capacity(count);
+        // The session is locked only while the ring is read, never while sleeping.
+        while let Some(call) = self.with(py, |s| Ok(s.driver()?.wait_step(q, count, whole, &mut done)?))? {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                // What did complete is not lost: it rides on the exception.
+                let e = driver_err(DriverError::Timeout { queue: q, got: done.len(), want: count, waited: t });
+                let got: Vec<CompletionTuple> = done.into_iter().map(|c| (c.head, c.len, PyBytes::new(py, &c.data).unbind())).collect();
+                e.value(py).setattr("completions", got)?;
+                return Err(e);
+            }
+            py.detach(|| call.wait(deadline - now));
+        }
         Ok(done.into_iter().map(|c| (c.head, c.len, PyBytes::new(py, &c.data).unbind())).collect())
     }
 

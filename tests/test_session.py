@@ -126,3 +126,28 @@ def test_guest_memory_exhaustion_is_an_error_not_a_crash() -> None:
 def test_a_file_that_is_not_vhost_vdpa_is_refused_clearly() -> None:
     with pytest.raises(ValueError, match="not a vhost-vdpa device"):
         svq.Device("/dev/null")
+
+
+def test_a_waiting_thread_does_not_block_the_others() -> None:
+    """One thread waits for RX while another sends the frames that satisfy it."""
+    with svq.Session("sim:net") as s:
+        s.driver.post_receive(net.RX, 4, 2048)
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.extend(s.driver.wait(net.RX, 4, timeout=10)))
+        waiter.start()
+        for i in range(4):
+            s.driver.send(net.TX, [net.frame(net.BROADCAST, bytes([i]) * 10)])
+        waiter.join(timeout=10)
+        assert [d[-1] for _, _, d in got] == [0, 1, 2, 3]
+        s.driver.wait(net.TX, 4)
+
+
+def test_a_timeout_keeps_what_did_complete() -> None:
+    with svq.Session("sim:net") as s:
+        s.driver.post_receive(net.RX, 2, 2048)
+        s.driver.send(net.TX, [net.frame(net.BROADCAST, b"only one")])
+        with pytest.raises(TimeoutError) as e:
+            s.driver.wait(net.RX, 2, timeout=0.3)
+        [(_, _, data)] = e.value.completions
+        assert data.endswith(b"only one")
+        s.driver.wait(net.TX, 1)

@@ -66,8 +66,9 @@ class Driver:
     def wait(self, queue: int, count: int, timeout: float = 10.0, whole: bool = False) -> list[Completion]:
         """Waits for ``count`` completions: ``[(head, length, bytes), ...]`` where bytes
         are the first ``length`` written ones (every writable byte with ``whole``).
-        Raises ``TimeoutError``, or a :class:`svq.QueueBrokenError` subclass naming the
-        rule a peer broke."""
+        Raises ``TimeoutError`` (whose ``completions`` attribute holds what did complete),
+        or a :class:`svq.QueueBrokenError` subclass naming the rule a peer broke. Other
+        threads may use the session while this one waits."""
         return self._s.wait(queue, count, timeout, whole)
 
     def request(
