@@ -1,0 +1,268 @@
+//! `svq._native.Device`: an open device (embedded or kernel), its facts for `svq info`,
+//! and the test levers (fault injection, a misbehaving embedded device).
+
+use std::sync::{Arc, Mutex};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use super::errors::{device_err, mem_err, SessionClosedError};
+use super::lock;
+use crate::device::faulty::{FaultInjector, FaultPoint};
+use crate::device::sim::SimDevice;
+use crate::device::vdpa::VhostVdpa;
+use crate::device::{Device as DeviceTrait, DeviceError};
+
+/// An open device, always behind a fault injector (disarmed unless a test arms it); the
+/// embedded device is also kept by its own type for what only it can report.
+#[derive(Debug, Clone)]
+pub(super) struct Backend {
+    device: Arc<FaultInjector>,
+    sim: Option<Arc<SimDevice>>,
+}
+
+impl Backend {
+    fn sim(d: SimDevice) -> Self {
+        let d = Arc::new(d);
+        Backend { device: Arc::new(FaultInjector::new(d.clone())), sim: Some(d) }
+    }
+
+    fn vdpa(d: VhostVdpa) -> Self {
+        Backend { device: Arc::new(FaultInjector::new(Arc::new(d))), sim: None }
+    }
+
+    /// The device as sessions use it.
+    pub(super) fn dyn_device(&self) -> Arc<dyn DeviceTrait> {
+        self.device.clone()
+    }
+}
+
+/// An open device: the embedded one (`sim:net`, `sim:blk`) or a vhost-vdpa character
+/// device (a path, or a vdpa device name).
+#[pyclass(frozen, module = "svq._native")]
+pub(super) struct Device {
+    spec: String,
+    backend: Mutex<Option<Backend>>,
+}
+
+impl Device {
+    pub(super) fn backend(&self) -> PyResult<Backend> {
+        lock(&self.backend).clone().ok_or_else(|| SessionClosedError::new_err(format!("device {} is closed", self.spec)))
+    }
+}
+
+fn parse_mac(s: &str) -> PyResult<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || PyValueError::new_err(format!("bad MAC address {s:?}"));
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    Ok(mac)
+}
+
+#[pymethods]
+impl Device {
+    /// Opens `spec`: "sim:net", "sim:blk", a path such as /dev/vhost-vdpa-0, or a vdpa
+    /// device name such as "vdpa0". The embedded net device takes options:
+    /// "sim:net,mac=52:54:00:12:34:56,mtu=1500"; blk takes "sim:blk,sectors=N".
+    #[new]
+    #[pyo3(signature = (spec))]
+    fn new(py: Python<'_>, spec: String) -> PyResult<Self> {
+        let backend = if let Some(rest) = spec.strip_prefix("sim:") {
+            let mut parts = rest.split(',');
+            let kind = parts.next().unwrap_or("");
+            let mut mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+            let mut mtu = 1500u16;
+            let mut sectors = 262_144u64;
+            for opt in parts {
+                let (k, v) = opt.split_once('=').ok_or_else(|| PyValueError::new_err(format!("bad option {opt:?} in {spec:?}")))?;
+                let num = |v: &str| v.parse::<u64>().map_err(|_| PyValueError::new_err(format!("bad number {v:?} in {spec:?}")));
+                match (kind, k) {
+                    ("net", "mac") => mac = parse_mac(v)?,
+                    ("net", "mtu") => mtu = u16::try_from(num(v)?).map_err(|_| PyValueError::new_err("mtu must fit 16 bits"))?,
+                    ("blk", "sectors") if num(v)? > 0 && num(v)? <= (1 << 24) => sectors = num(v)?,
+                    _ => return Err(PyValueError::new_err(format!("unknown or invalid option {opt:?} for sim:{kind}"))),
+                }
+            }
+            let dev = match kind {
+                "net" => py.detach(|| SimDevice::net(mac, mtu)),
+                "blk" => py.detach(|| SimDevice::blk(sectors)),
+                _ => return Err(PyValueError::new_err(format!("unknown embedded device {spec:?}: use sim:net or sim:blk"))),
+            }
+            .map_err(device_err)?;
+            Backend::sim(dev)
+        } else {
+            let dev = py.detach(|| VhostVdpa::open(&spec)).map_err(device_err)?;
+            Backend::vdpa(dev)
+        };
+        Ok(Device { spec, backend: Mutex::new(Some(backend)) })
+    }
+
+    /// The spec it was opened with.
+    #[getter]
+    fn spec(&self) -> String {
+        self.spec.clone()
+    }
+
+    /// Whether this is the embedded device.
+    #[getter]
+    fn embedded(&self) -> PyResult<bool> {
+        Ok(self.backend()?.sim.is_some())
+    }
+
+    /// Raw facts for `svq info`: numbers and config bytes (decoded in Python).
+    fn probe<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let dev = self.backend()?.dyn_device();
+        let raw = py
+            .detach(|| -> Result<_, DeviceError> {
+                let nq = dev.num_queues()?;
+                let groups: Result<Vec<u32>, _> = (0..nq).map(|q| dev.queue_group(q)).collect();
+                let size = dev.config_size()?;
+                let mut config = vec![0u8; size as usize];
+                if size > 0 {
+                    dev.config(0, &mut config)?;
+                }
+                Ok((
+                    dev.device_id()?,
+                    dev.features()?,
+                    dev.backend_features()?,
+                    nq,
+                    dev.max_queue_size()?,
+                    dev.num_groups()?,
+                    dev.num_address_spaces()?,
+                    groups?,
+                    dev.iova_range()?,
+                    config,
+                ))
+            })
+            .map_err(device_err)?;
+        let d = PyDict::new(py);
+        d.set_item("device_id", raw.0)?;
+        d.set_item("features", raw.1)?;
+        d.set_item("backend_features", raw.2)?;
+        d.set_item("num_queues", raw.3)?;
+        d.set_item("max_queue_size", raw.4)?;
+        d.set_item("groups", raw.5)?;
+        d.set_item("address_spaces", raw.6)?;
+        d.set_item("vq_groups", raw.7)?;
+        d.set_item("iova_range", raw.8)?;
+        d.set_item("config", PyBytes::new(py, &raw.9))?;
+        Ok(d)
+    }
+
+    /// Reads `length` bytes of config space at `offset`.
+    fn config<'py>(&self, py: Python<'py>, offset: u32, length: u32) -> PyResult<Bound<'py, PyBytes>> {
+        let dev = self.backend()?.dyn_device();
+        let mut buf = vec![0u8; length as usize];
+        py.detach(|| dev.config(offset, &mut buf)).map_err(device_err)?;
+        Ok(PyBytes::new(py, &buf))
+    }
+
+    /// Device status byte.
+    fn status(&self, py: Python<'_>) -> PyResult<u8> {
+        let dev = self.backend()?.dyn_device();
+        py.detach(|| dev.status()).map_err(device_err)
+    }
+
+    /// Live IOTLB mappings over all address spaces (None when the backend cannot count).
+    fn live_mappings(&self) -> PyResult<Option<usize>> {
+        Ok(self.backend()?.dyn_device().live_mappings())
+    }
+
+    /// Maps `size` bytes of fresh host memory at `iova` in `asid` and unmaps it again:
+    /// returns None on success or raises the device's error (EEXIST on overlap).
+    fn probe_map(&self, py: Python<'_>, asid: u32, iova: u64, size: u64) -> PyResult<()> {
+        use crate::device::{IotlbOp, Perm};
+        let dev = self.backend()?.dyn_device();
+        let mem = crate::mem::GuestMemory::new(&[(0, size)]).map_err(mem_err)?;
+        let uaddr = mem.regions()[0].host_addr();
+        py.detach(|| {
+            dev.iotlb(asid, &[IotlbOp::Update { iova, size, uaddr, perm: Perm::ReadWrite }])?;
+            dev.iotlb(asid, &[IotlbOp::Invalidate { iova, size }])
+        })
+        .map_err(device_err)
+    }
+
+    /// Unmaps `[iova, iova+size)` in `asid` behind the back of any session (for tests that
+    /// take memory away from a running device).
+    fn unmap(&self, py: Python<'_>, asid: u32, iova: u64, size: u64) -> PyResult<()> {
+        let dev = self.backend()?.dyn_device();
+        py.detach(|| dev.iotlb(asid, &[crate::device::IotlbOp::Invalidate { iova, size }])).map_err(device_err)
+    }
+
+    /// Makes the embedded device break the virtio protocol on `queue` (tests): one of
+    /// "used_id_out_of_range", "used_id_not_in_flight", "duplicate_completion",
+    /// "used_idx_jump", "used_idx_backwards", "len_too_large", "never_complete",
+    /// "needs_reset"; None to behave again.
+    #[pyo3(signature = (queue, how))]
+    fn misbehave(&self, queue: u32, how: Option<&str>) -> PyResult<()> {
+        use crate::device::sim::Misbehaviour as M;
+        let sim = self.backend()?.sim.ok_or_else(|| PyValueError::new_err("only the embedded device can misbehave on purpose"))?;
+        let how = match how {
+            None => None,
+            Some("used_id_out_of_range") => Some(M::UsedIdOutOfRange),
+            Some("used_id_not_in_flight") => Some(M::UsedIdNotInFlight),
+            Some("duplicate_completion") => Some(M::DuplicateCompletion),
+            Some("used_idx_jump") => Some(M::UsedIdxJump),
+            Some("used_idx_backwards") => Some(M::UsedIdxBackwards),
+            Some("len_too_large") => Some(M::LenTooLarge),
+            Some("never_complete") => Some(M::NeverComplete),
+            Some("needs_reset") => Some(M::NeedsReset),
+            Some(h) => return Err(PyValueError::new_err(format!("unknown misbehaviour {h:?}"))),
+        };
+        sim.misbehave(queue, how).map_err(device_err)
+    }
+
+    /// Fault injection for any backend: the `n`-th call at `point` from now fails (0
+    /// disarms). `point` is "map" (IOTLB updates, ENOMEM), "unmap" (IOTLB invalidations,
+    /// EIO) or "ioctl" (every other device call, EIO).
+    #[pyo3(signature = (point, n))]
+    fn fail_at(&self, point: &str, n: u64) -> PyResult<()> {
+        self.backend()?.device.fail_at(fault_point(point)?, n);
+        Ok(())
+    }
+
+    /// Calls seen at `point` since it was last armed.
+    fn calls_seen(&self, point: &str) -> PyResult<u64> {
+        Ok(self.backend()?.device.seen(fault_point(point)?))
+    }
+
+    /// Accesses the embedded device refused (empty for kernel devices).
+    fn faults(&self) -> PyResult<Vec<String>> {
+        Ok(self.backend()?.sim.map(|d| d.faults()).unwrap_or_default())
+    }
+
+    /// What the embedded device did (None for kernel devices).
+    fn sim_stats<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(d) = self.backend()?.sim else { return Ok(None) };
+        let s = d.stats();
+        let out = PyDict::new(py);
+        out.set_item("tx_packets", s.tx_packets)?;
+        out.set_item("rx_packets", s.rx_packets)?;
+        out.set_item("rx_drops", s.rx_drops)?;
+        out.set_item("rx_overruns", s.rx_overruns)?;
+        out.set_item("ctrl_commands", s.ctrl_commands)?;
+        out.set_item("blk_requests", s.blk_requests)?;
+        Ok(Some(out))
+    }
+
+    /// Closes the device (idempotent). Sessions on it keep their own reference.
+    fn close(&self, py: Python<'_>) {
+        let b = lock(&self.backend).take();
+        py.detach(move || drop(b));
+    }
+}
+
+fn fault_point(p: &str) -> PyResult<FaultPoint> {
+    match p {
+        "map" => Ok(FaultPoint::Map),
+        "unmap" => Ok(FaultPoint::Unmap),
+        "ioctl" => Ok(FaultPoint::Ioctl),
+        p => Err(PyValueError::new_err(format!("unknown fault point {p:?}: use map, unmap or ioctl"))),
+    }
+}
