@@ -4,6 +4,34 @@
 
 use std::collections::BTreeSet;
 
+/// virtio-net feature bits (virtio spec 5.1.3), as bit numbers.
+pub mod feature {
+    /// Control of guest offloads through the control queue.
+    pub const CTRL_GUEST_OFFLOADS: u32 = 2;
+    /// The device reports its MTU.
+    pub const MTU: u32 = 3;
+    /// The device has a MAC in config space.
+    pub const MAC: u32 = 5;
+    /// Link status in config space.
+    pub const STATUS: u32 = 16;
+    /// A control queue.
+    pub const CTRL_VQ: u32 = 17;
+    /// RX modes PROMISC/ALLMULTI and the MAC table.
+    pub const CTRL_RX: u32 = 18;
+    /// VLAN filter.
+    pub const CTRL_VLAN: u32 = 19;
+    /// RX modes ALLUNI/NOMULTI/NOUNI/NOBCAST.
+    pub const CTRL_RX_EXTRA: u32 = 20;
+    /// Gratuitous announcement.
+    pub const GUEST_ANNOUNCE: u32 = 21;
+    /// Multiqueue.
+    pub const MQ: u32 = 22;
+    /// MAC_ADDR_SET through the control queue.
+    pub const CTRL_MAC_ADDR: u32 = 23;
+    /// Any framing of headers and data.
+    pub const ANY_LAYOUT: u32 = 27;
+}
+
 /// `VIRTIO_NET_OK`.
 pub const ACK_OK: u8 = 0;
 /// `VIRTIO_NET_ERR`.

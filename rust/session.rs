@@ -150,20 +150,22 @@ fn os(op: &'static str) -> impl Fn(Errno) -> SessionError {
 }
 
 /// Features svq can drive, per device class (virtio spec 5.1.3, 5.2.3).
-const NET_FEATURES: u64 = (1 << 2) // CTRL_GUEST_OFFLOADS
-    | (1 << 3) // MTU
-    | (1 << 5) // MAC
-    | (1 << 16) // STATUS
-    | (1 << 17) // CTRL_VQ
-    | (1 << 18) // CTRL_RX
-    | (1 << 19) // CTRL_VLAN
-    | (1 << 20) // CTRL_RX_EXTRA
-    | (1 << 21) // GUEST_ANNOUNCE
-    | (1 << 22) // MQ
-    | (1 << 23) // CTRL_MAC_ADDR
-    | (1 << 27); // ANY_LAYOUT
-const NET_F_CTRL_VQ: u32 = 17;
-const NET_F_MAC: u32 = 5;
+const NET_FEATURES: u64 = {
+    use crate::net::feature::*;
+    (1 << CTRL_GUEST_OFFLOADS)
+        | (1 << MTU)
+        | (1 << MAC)
+        | (1 << STATUS)
+        | (1 << CTRL_VQ)
+        | (1 << CTRL_RX)
+        | (1 << CTRL_VLAN)
+        | (1 << CTRL_RX_EXTRA)
+        | (1 << GUEST_ANNOUNCE)
+        | (1 << MQ)
+        | (1 << CTRL_MAC_ADDR)
+        | (1 << ANY_LAYOUT)
+};
+/// virtio-blk: SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH.
 const BLK_FEATURES: u64 = (1 << 1) | (1 << 2) | (1 << 6) | (1 << 9);
 
 /// Where the virtio-net control queue ended up.
@@ -280,7 +282,7 @@ impl Session {
         if let Some((q, _)) = cfg.queue_modes.iter().find(|(q, _)| *q >= n) {
             return Err(SessionError::Invalid(format!("queue {q} does not exist (the device has {n})")));
         }
-        let has_cvq = id == device_id::NET && self.features & (1 << NET_F_CTRL_VQ) != 0;
+        let has_cvq = id == device_id::NET && self.features & (1 << crate::net::feature::CTRL_VQ) != 0;
         let mut plan = Plan { asids: vec![0; n as usize], cvq: None, cvq_group: 0, data_queues: (0..n).collect(), modes: Vec::new() };
         if has_cvq {
             let cvq = n - 1;
@@ -433,7 +435,7 @@ impl Session {
     fn restore(&mut self, saved: &NetState, timeout: Duration) -> Result<(), SessionError> {
         let cvq = self.cvq.as_ref().map(|c| c.queue).ok_or_else(|| SessionError::Invalid("no control queue".into()))?;
         let mut mac = [0u8; 6];
-        if self.features & (1 << NET_F_MAC) != 0 {
+        if self.features & (1 << crate::net::feature::MAC) != 0 {
             self.device.config(0, &mut mac)?;
         }
         let cmds = saved.restore_commands(mac);

@@ -60,17 +60,32 @@ impl Vring {
     #[inline]
     pub fn desc(&self, i: u16) -> Descriptor {
         debug_assert!(i < self.size());
-        // SAFETY: i < size keeps the read inside the table; volatile because the peer may
-        // write it concurrently; Descriptor is plain data valid for any bits.
-        unsafe { std::ptr::read_volatile((self.desc.as_ptr() as *const Descriptor).add(i as usize)) }
+        // SAFETY: i < size keeps the two 8-byte reads inside the table (16-aligned entries
+        // of 16 bytes); volatile because the peer may write it concurrently. Two word
+        // reads rather than one of the struct, which compiles to a copy through the stack.
+        let words = unsafe {
+            let p = (self.desc.as_ptr() as *const [u64; 2]).add(i as usize) as *const u64;
+            [std::ptr::read_volatile(p), std::ptr::read_volatile(p.add(1))]
+        };
+        // SAFETY: Descriptor is repr(C) plain integers, 16 bytes without padding: any 16
+        // bytes are a valid value, and the bytes are kept as they were in memory.
+        unsafe { std::mem::transmute::<[u64; 2], Descriptor>(words) }
     }
 
     /// Writes descriptor `i` (`i < size`).
     #[inline]
     pub fn set_desc(&self, i: u16, d: Descriptor) {
         debug_assert!(i < self.size());
-        // SAFETY: i < size keeps the write inside the table.
-        unsafe { std::ptr::write_volatile((self.desc.as_ptr() as *mut Descriptor).add(i as usize), d) }
+        // SAFETY: Descriptor is repr(C) plain integers, 16 bytes without padding, so its
+        // bytes are two initialized words.
+        let words = unsafe { std::mem::transmute::<Descriptor, [u64; 2]>(d) };
+        // SAFETY: i < size keeps the two 8-byte writes inside the table (16-aligned
+        // entries of 16 bytes); volatile because the peer reads it.
+        unsafe {
+            let p = (self.desc.as_ptr() as *mut [u64; 2]).add(i as usize) as *mut u64;
+            std::ptr::write_volatile(p, words[0]);
+            std::ptr::write_volatile(p.add(1), words[1]);
+        }
     }
 
     /// `avail.flags`.

@@ -9,7 +9,7 @@ pub mod writer;
 
 pub use access::Vring;
 pub use layout::{Descriptor, RingLayout};
-pub use reader::{BufferSpace, Chain, ChainError, RingReader, Segment};
+pub use reader::{BufferSpace, Chain, ChainError, ChainSink, RingReader, Segment};
 pub use writer::{Buf, RingFull, RingWriter, UsedError};
 
 #[cfg(test)]

@@ -41,6 +41,28 @@ impl Chain {
     }
 }
 
+/// Receives the segments of a chain as [`RingReader::pop_with`] validates them, in chain
+/// order (every device-readable segment before the first device-writable one). A segment
+/// reaches the sink only after every check of its descriptor passed; a later descriptor
+/// of the same chain may still fail, in which case the pop returns that error.
+pub trait ChainSink {
+    /// One validated segment (`write`: device-writable).
+    fn segment(&mut self, seg: Segment, write: bool);
+}
+
+impl ChainSink for Chain {
+    #[inline]
+    fn segment(&mut self, seg: Segment, write: bool) {
+        if write {
+            self.inn.push(seg);
+            self.in_len += seg.len as u64;
+        } else {
+            self.out.push(seg);
+            self.out_len += seg.len as u64;
+        }
+    }
+}
+
 /// What a driver did wrong in its ring. Each variant names the rule that was broken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
@@ -198,17 +220,34 @@ impl RingReader {
     /// On error the chain is consumed (the avail index moves past it) so that a
     /// policy may complete it with an error; `AvailIdxJump` consumes nothing.
     pub fn pop<M: BufferSpace>(&mut self, mem: &M, chain: &mut Chain) -> Result<bool, ChainError> {
+        let Some(head) = self.next_head()? else { return Ok(false) };
+        chain.clear();
+        chain.head = head;
+        self.walk(mem, head, chain)?;
+        Ok(true)
+    }
+
+    /// Pops the next chain, handing each validated segment to `sink` instead of
+    /// collecting them: the head, or `Ok(None)` when the ring is empty. The same checks
+    /// and the same consumption on error as [`RingReader::pop`].
+    #[inline]
+    pub fn pop_with<M: BufferSpace, S: ChainSink>(&mut self, mem: &M, sink: &mut S) -> Result<Option<u16>, ChainError> {
+        let Some(head) = self.next_head()? else { return Ok(None) };
+        self.walk(mem, head, sink)?;
+        Ok(Some(head))
+    }
+
+    /// Takes the next avail entry (moving past it), or None when the ring is empty.
+    #[inline]
+    fn next_head(&mut self) -> Result<Option<u16>, ChainError> {
         if self.pending()? == 0 {
-            return Ok(false);
+            return Ok(None);
         }
         // The entries covered by avail.idx are read only after the index (2.7.13.1).
         barrier::after_index_read();
         let head = self.ring.avail_entry(self.last_avail);
         self.last_avail = self.last_avail.wrapping_add(1);
-        chain.clear();
-        chain.head = head;
-        self.walk(mem, head, chain)?;
-        Ok(true)
+        Ok(Some(head))
     }
 
     /// Rewinds the last pop (used when a popped chain must wait for shadow ring space).
@@ -216,11 +255,13 @@ impl RingReader {
         self.last_avail = self.last_avail.wrapping_sub(1);
     }
 
-    fn walk<M: BufferSpace>(&self, mem: &M, head: u16, chain: &mut Chain) -> Result<(), ChainError> {
+    #[inline]
+    fn walk<M: BufferSpace, S: ChainSink>(&self, mem: &M, head: u16, chain: &mut S) -> Result<(), ChainError> {
         let size = self.ring.size();
         if head >= size {
             return Err(ChainError::HeadOutOfRange { head, size });
         }
+        let mut seen_write = false;
         let mut idx = head;
         // A walk visits each descriptor at most once: the budget is the table size.
         let mut budget = size as u32;
@@ -242,7 +283,7 @@ impl RingReader {
                 }
                 return self.walk_indirect(mem, head, d, chain);
             }
-            add_segment::<M>(mem, head, d, chain)?;
+            add_segment::<M, S>(mem, head, d, chain, &mut seen_write)?;
             if flags & VRING_DESC_F_NEXT == 0 {
                 return Ok(());
             }
@@ -254,7 +295,8 @@ impl RingReader {
         }
     }
 
-    fn walk_indirect<M: BufferSpace>(&self, mem: &M, head: u16, table: Descriptor, chain: &mut Chain) -> Result<(), ChainError> {
+    #[cold]
+    fn walk_indirect<M: BufferSpace, S: ChainSink>(&self, mem: &M, head: u16, table: Descriptor, chain: &mut S) -> Result<(), ChainError> {
         let len = table.len();
         let max = self.ring.size() as u32;
         if len == 0 || len % 16 != 0 || len / 16 > max {
@@ -268,6 +310,7 @@ impl RingReader {
             return Err(ChainError::BadAddress { head, addr, len: len as u64, space: M::NAME });
         }
         let n = len / 16;
+        let mut seen_write = false;
         let mut i = 0u32;
         let mut budget = n;
         loop {
@@ -279,7 +322,7 @@ impl RingReader {
             if d.flags() & VRING_DESC_F_INDIRECT != 0 {
                 return Err(ChainError::NestedIndirect { head });
             }
-            add_segment::<M>(mem, head, d, chain)?;
+            add_segment::<M, S>(mem, head, d, chain, &mut seen_write)?;
             if d.flags() & VRING_DESC_F_NEXT == 0 {
                 return Ok(());
             }
@@ -355,7 +398,13 @@ impl RingReader {
 }
 
 #[inline]
-fn add_segment<M: BufferSpace>(mem: &M, head: u16, d: Descriptor, chain: &mut Chain) -> Result<(), ChainError> {
+fn add_segment<M: BufferSpace, S: ChainSink>(
+    mem: &M,
+    head: u16,
+    d: Descriptor,
+    chain: &mut S,
+    seen_write: &mut bool,
+) -> Result<(), ChainError> {
     let addr = d.addr();
     let len = d.len();
     if len == 0 {
@@ -365,16 +414,11 @@ fn add_segment<M: BufferSpace>(mem: &M, head: u16, d: Descriptor, chain: &mut Ch
     if addr.checked_add(len as u64).is_none() || !mem.check(addr, len as u64, write) {
         return Err(ChainError::BadAddress { head, addr, len: len as u64, space: M::NAME });
     }
-    let seg = Segment { addr, len };
     if write {
-        chain.inn.push(seg);
-        chain.in_len += len as u64;
-    } else {
-        if !chain.inn.is_empty() {
-            return Err(ChainError::ReadAfterWrite { head });
-        }
-        chain.out.push(seg);
-        chain.out_len += len as u64;
+        *seen_write = true;
+    } else if *seen_write {
+        return Err(ChainError::ReadAfterWrite { head });
     }
+    chain.segment(Segment { addr, len }, write);
     Ok(())
 }

@@ -147,29 +147,26 @@ impl RingWriter {
     }
 
     /// Writes a chain and its avail entry; it becomes visible at [`RingWriter::publish`].
+    #[inline]
     pub fn add(&mut self, bufs: &[Buf]) -> Result<u16, RingFull> {
         let n = bufs.len();
-        if n == 0 || n > self.num_free as usize {
-            return Err(RingFull { needed: n, free: self.num_free, size: self.size() });
-        }
+        let Some((last, rest)) = bufs.split_last().filter(|_| n <= self.num_free as usize) else {
+            return Err(self.full(n));
+        };
         let head = self.free_head;
         let mut idx = head;
         let mut writable = 0u64;
-        for (k, b) in bufs.iter().enumerate() {
-            let last = k + 1 == n;
-            let mut flags = if b.write { VRING_DESC_F_WRITE } else { 0 };
-            if !last {
-                flags |= VRING_DESC_F_NEXT;
-            }
+        for b in rest {
+            // Free-list entries are always below the queue size (`new`, `free_chain`).
             let next = self.next[idx as usize];
-            self.ring.set_desc(idx, Descriptor::new(b.addr, b.len, flags, if last { 0 } else { next }));
-            if b.write {
-                writable += b.len as u64;
-            }
-            if !last {
-                idx = next;
-            }
+            let flags = VRING_DESC_F_NEXT | if b.write { VRING_DESC_F_WRITE } else { 0 };
+            self.ring.set_desc(idx, Descriptor::new(b.addr, b.len, flags, next));
+            writable += if b.write { b.len as u64 } else { 0 };
+            idx = next;
         }
+        let flags = if last.write { VRING_DESC_F_WRITE } else { 0 };
+        self.ring.set_desc(idx, Descriptor::new(last.addr, last.len, flags, 0));
+        writable += if last.write { last.len as u64 } else { 0 };
         self.free_head = self.next[idx as usize];
         self.num_free -= n as u16;
         self.chain_len[head as usize] = n as u16;
@@ -177,6 +174,11 @@ impl RingWriter {
         self.ring.set_avail_entry(self.avail_idx, head);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         Ok(head)
+    }
+
+    #[cold]
+    fn full(&self, needed: usize) -> RingFull {
+        RingFull { needed, free: self.num_free, size: self.size() }
     }
 
     /// Adds a chain described by an indirect table the caller already wrote at `table`
@@ -217,6 +219,7 @@ impl RingWriter {
 
     /// Reaps one used entry, validated: `Ok(Some((head, len)))`, `Ok(None)` when none.
     /// After an error the queue must be treated as broken.
+    #[inline]
     pub fn pop_used(&mut self) -> Result<Option<(u16, u32)>, UsedError> {
         let idx = self.ring.used_idx();
         let pending = idx.wrapping_sub(self.last_used);
@@ -256,6 +259,7 @@ impl RingWriter {
         true
     }
 
+    #[inline]
     fn free_chain(&mut self, head: u16) {
         let n = self.chain_len[head as usize];
         let mut tail = head;

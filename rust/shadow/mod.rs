@@ -22,7 +22,7 @@ use crate::bounce::{BounceBuf, BounceError, BouncePool, Strategy};
 use crate::dma::Dma;
 use crate::eventfd::EventFd;
 use crate::mem::GuestMemory;
-use crate::ring::{Buf, Chain, RingReader, RingWriter, Segment};
+use crate::ring::{Buf, Chain, ChainSink, RingReader, RingWriter, Segment};
 
 /// Counts on the engine thread, the counters' only writer: a plain load and store, no
 /// locked read-modify-write on the hot path. Readers on other threads see a recent value.
@@ -103,6 +103,75 @@ struct InFlight {
     out_bytes: Option<Vec<u8>>,
 }
 
+/// What a shadow head in flight stands for. A translated guest element with nothing else
+/// to remember (the common case) is just the guest's head; only elements with bounce
+/// buffers, private bytes or an injector's slot carry a boxed [`InFlight`].
+#[derive(Debug, Default)]
+enum Slot {
+    /// No element.
+    #[default]
+    Free,
+    /// A guest element to complete with the device's length.
+    Guest(u16),
+    /// Everything else.
+    Rich(Box<InFlight>),
+}
+
+impl Slot {
+    fn of(f: InFlight) -> Slot {
+        match f {
+            InFlight { origin: Origin::Guest(head), out_buf: None, in_buf: None, out_bytes: None, ref guest_in } if guest_in.is_empty() => {
+                Slot::Guest(head)
+            }
+            f => Slot::Rich(Box::new(f)),
+        }
+    }
+}
+
+/// Translates guest segments straight into shadow buffers while the reader validates
+/// them (no chain is collected). The first untranslatable address is kept and reported
+/// once the reader accepted the whole chain, so a chain's reader errors come first, as
+/// when translating after the pop.
+struct Translator<'a> {
+    regions: &'a [RegionIova],
+    bufs: &'a mut Vec<Buf>,
+    out_len: u64,
+    unmapped: Option<u64>,
+}
+
+impl ChainSink for Translator<'_> {
+    #[inline]
+    fn segment(&mut self, seg: Segment, write: bool) {
+        if !write {
+            self.out_len += seg.len as u64;
+        }
+        if self.unmapped.is_none() {
+            if let Err(addr) = translate_segment(self.regions, seg, write, self.bufs) {
+                self.unmapped = Some(addr);
+            }
+        }
+    }
+}
+
+/// Appends the shadow buffers of one guest segment (one per region it spans); the first
+/// address no region maps on failure.
+#[inline]
+fn translate_segment(regions: &[RegionIova], s: Segment, write: bool, bufs: &mut Vec<Buf>) -> Result<(), u64> {
+    let mut addr = s.addr;
+    let end = s.addr + s.len as u64;
+    while addr < end {
+        let r = regions.iter().find(|r| addr >= r.gpa && addr - r.gpa < r.size).ok_or(addr)?;
+        let n = (r.gpa + r.size).min(end) - addr;
+        bufs.push(Buf { addr: r.iova + (addr - r.gpa), len: n as u32, write });
+        addr += n;
+    }
+    Ok(())
+}
+
+fn unmapped_msg(addr: u64) -> (FaultKind, String) {
+    (FaultKind::Guest, format!("guest address {addr:#x} is not mapped for the device"))
+}
+
 enum Sent {
     Yes,
     /// No room on the shadow ring: the element waits.
@@ -121,7 +190,7 @@ pub struct ShadowQueue {
     shadow: RingWriter,
     mem: Arc<GuestMemory>,
     regions: Vec<RegionIova>,
-    in_flight: Vec<Option<InFlight>>,
+    in_flight: Vec<Slot>,
     held: Option<Element>,
     injected: VecDeque<Element>,
     bounce_space: Option<BounceSpace>,
@@ -129,8 +198,8 @@ pub struct ShadowQueue {
     hooks: Vec<HookBox>,
     /// Guest used entries pushed since the last call decision.
     pushed: bool,
-    /// Chains to reuse, so that translate forwarding allocates nothing per element.
-    spare: Vec<Chain>,
+    /// The chain the slow path pops into (reused: nothing is allocated per element).
+    chain: Chain,
     bufs: Vec<Buf>,
     /// The queue's eventfds.
     pub fds: ShadowFds,
@@ -185,15 +254,15 @@ impl ShadowQueue {
             shadow: p.shadow,
             mem: p.mem,
             regions: p.regions,
-            in_flight: (0..size).map(|_| None).collect(),
+            in_flight: (0..size).map(|_| Slot::Free).collect(),
             held: None,
             injected: VecDeque::new(),
             bounce_space: p.bounce_space,
             bounce: p.bounce,
             hooks: Vec::new(),
             pushed: false,
-            spare: Vec::new(),
-            bufs: Vec::with_capacity(8),
+            chain: Chain::default(),
+            bufs: Vec::with_capacity(size),
             fds: p.fds,
             stats: p.stats,
             health: p.health,
@@ -212,7 +281,7 @@ impl ShadowQueue {
 
     /// Whether the queue was broken.
     pub fn is_broken(&self) -> bool {
-        self.health.fault().is_some()
+        self.health.is_broken()
     }
 
     /// Elements forwarded and not completed yet.
@@ -227,7 +296,11 @@ impl ShadowQueue {
         // Whoever waits for an injected element learns it now rather than at a timeout;
         // the element's buffers stay until the queue stops (the device may still use them).
         let message = self.health.fault().map_or(message, |f| f.message);
-        let waiting = self.in_flight.iter().flatten().map(|f| &f.origin).chain(self.injected.iter().map(|e| &e.origin));
+        let in_flight = self.in_flight.iter().filter_map(|s| match s {
+            Slot::Rich(f) => Some(&f.origin),
+            _ => None,
+        });
+        let waiting = in_flight.chain(self.injected.iter().map(|e| &e.origin));
         for origin in waiting {
             if let Origin::Injected(slot) = origin {
                 slot.complete(Err(message.clone()));
@@ -268,6 +341,17 @@ impl ShadowQueue {
             self.guest.disable_notify();
             let mut held = false;
             loop {
+                if self.held.is_none() && self.injected.is_empty() && self.fast() {
+                    // Only guest elements left, and nothing to do with them but translate.
+                    match self.forward_translated() {
+                        Ok(h) => held = h,
+                        Err((kind, msg)) => {
+                            self.call_guest();
+                            return self.fail(kind, msg);
+                        }
+                    }
+                    break;
+                }
                 let el = match self.next_element() {
                     Ok(Some(el)) => el,
                     Ok(None) => break,
@@ -299,6 +383,72 @@ impl ShadowQueue {
         }
     }
 
+    /// Whether guest elements take the translate fast path: translate forwarding and no
+    /// hook to show them to.
+    #[inline]
+    fn fast(&self) -> bool {
+        self.forwarding == Forwarding::Translate && self.hooks.is_empty()
+    }
+
+    /// Forwards the guest's chains in translate mode without hooks: each chain is
+    /// validated by the reader and translated in the same walk, straight into shadow
+    /// buffers; the shadow head remembers only the guest head. Returns whether a chain
+    /// had to wait for room (it is then `held`, popped as a whole like any other).
+    fn forward_translated(&mut self) -> Result<bool, (FaultKind, String)> {
+        let size = self.shadow.size() as usize;
+        let (mut elements, mut bytes_out) = (0u64, 0u64);
+        let res = loop {
+            self.bufs.clear();
+            let mut t = Translator { regions: &self.regions, bufs: &mut self.bufs, out_len: 0, unmapped: None };
+            let head = match self.guest.pop_with(&*self.mem, &mut t) {
+                Ok(Some(head)) => head,
+                Ok(None) => break Ok(false),
+                Err(e) => break Err((FaultKind::Guest, e.to_string())),
+            };
+            let (out_len, unmapped) = (t.out_len, t.unmapped);
+            if let Some(addr) = unmapped {
+                break Err(unmapped_msg(addr));
+            }
+            if self.bufs.len() > size {
+                break Err(self.too_large_guest(head, self.bufs.len()));
+            }
+            match self.shadow.add(&self.bufs) {
+                Ok(shead) => {
+                    // The writer hands out only free heads, all below the ring size.
+                    if let Some(slot) = self.in_flight.get_mut(shead as usize) {
+                        *slot = Slot::Guest(head);
+                    }
+                    elements += 1;
+                    bytes_out += out_len;
+                }
+                Err(_) => {
+                    // No room: take the chain again as a whole element that waits.
+                    self.guest.unpop();
+                    break self.hold_guest_chain();
+                }
+            }
+        };
+        bump(&self.stats.elements, elements);
+        bump(&self.stats.bytes_out, bytes_out);
+        res
+    }
+
+    /// Pops the chain `forward_translated` could not place and keeps it for later.
+    #[cold]
+    fn hold_guest_chain(&mut self) -> Result<bool, (FaultKind, String)> {
+        let mut chain = std::mem::take(&mut self.chain);
+        match self.guest.pop(&*self.mem, &mut chain) {
+            Ok(true) => {}
+            // The chain was just validated; the guest changed it meanwhile.
+            Ok(false) => return Ok(false),
+            Err(e) => return Err((FaultKind::Guest, e.to_string())),
+        }
+        let el = Element { origin: Origin::Guest(chain.head), out_len: chain.out_len, in_len: chain.in_len, chain, out_bytes: None };
+        self.held = Some(el);
+        bump(&self.stats.held, 1);
+        Ok(true)
+    }
+
     /// The next element to send: one that waited for room, then injected ones, then the
     /// guest's (passed through the hooks).
     fn next_element(&mut self) -> Result<Option<Element>, (FaultKind, String)> {
@@ -309,11 +459,17 @@ impl ShadowQueue {
             return Ok(Some(el));
         }
         loop {
-            let mut chain = self.spare.pop().unwrap_or_default();
+            let mut chain = std::mem::take(&mut self.chain);
             match self.guest.pop(&*self.mem, &mut chain) {
                 Ok(true) => {}
-                Ok(false) => return Ok(None),
-                Err(e) => return Err((FaultKind::Guest, e.to_string())),
+                Ok(false) => {
+                    self.chain = chain;
+                    return Ok(None);
+                }
+                Err(e) => {
+                    self.chain = chain;
+                    return Err((FaultKind::Guest, e.to_string()));
+                }
             }
             let mut el =
                 Element { origin: Origin::Guest(chain.head), out_len: chain.out_len, in_len: chain.in_len, chain, out_bytes: None };
@@ -336,10 +492,12 @@ impl ShadowQueue {
                     let n = self.scatter(&el.chain.inn, &bytes)?;
                     self.complete_guest(el.chain.head, n as u32);
                     bump(&self.stats.answered, 1);
+                    self.chain = el.chain;
                 }
                 Verdict::Refuse => {
                     self.complete_guest(el.chain.head, 0);
                     bump(&self.stats.refused, 1);
+                    self.chain = el.chain;
                 }
             }
         }
@@ -379,25 +537,24 @@ impl ShadowQueue {
 
     fn translate(regions: &[RegionIova], segs: &[Segment], write: bool, bufs: &mut Vec<Buf>) -> Result<(), (FaultKind, String)> {
         for s in segs {
-            let mut addr = s.addr;
-            let end = s.addr + s.len as u64;
-            while addr < end {
-                let r = regions.iter().find(|r| addr >= r.gpa && addr < r.gpa + r.size).ok_or_else(|| {
-                    (FaultKind::Guest, format!("guest address {addr:#x} is not mapped for the device"))
-                })?;
-                let n = (r.gpa + r.size).min(end) - addr;
-                bufs.push(Buf { addr: r.iova + (addr - r.gpa), len: n as u32, write });
-                addr += n;
-            }
+            translate_segment(regions, *s, write, bufs).map_err(unmapped_msg)?;
         }
         Ok(())
     }
 
     fn too_large(&self, el: &Element, needed: usize) -> (FaultKind, String) {
-        let what = match el.origin {
-            Origin::Guest(h) => format!("chain {h}"),
-            Origin::Injected(_) => "an injected element".into(),
-        };
+        match el.origin {
+            Origin::Guest(h) => self.too_large_guest(h, needed),
+            Origin::Injected(_) => self.too_large_what("an injected element", needed),
+        }
+    }
+
+    #[cold]
+    fn too_large_guest(&self, head: u16, needed: usize) -> (FaultKind, String) {
+        self.too_large_what(&format!("chain {head}"), needed)
+    }
+
+    fn too_large_what(&self, what: &str, needed: usize) -> (FaultKind, String) {
         (FaultKind::TooLarge, format!("{what} needs {needed} shadow descriptors; the shadow ring has {}", self.shadow.size()))
     }
 
@@ -412,14 +569,10 @@ impl ShadowQueue {
             }
             let added = self.shadow.add(&self.bufs);
             let Ok(head) = added else { return Ok(Sent::Full(el)) };
-            let guest_in = if self.hooks.is_empty() {
-                self.spare.push(el.chain);
-                Vec::new()
-            } else {
-                el.chain.inn
-            };
-            self.in_flight[head as usize] =
-                Some(InFlight { origin: el.origin, out_buf: None, in_buf: None, guest_in, out_bytes: el.out_bytes });
+            let Element { origin, mut chain, out_bytes, .. } = el;
+            let guest_in = if self.hooks.is_empty() { Vec::new() } else { std::mem::take(&mut chain.inn) };
+            self.chain = chain;
+            self.in_flight[head as usize] = Slot::of(InFlight { origin, out_buf: None, in_buf: None, guest_in, out_bytes });
             bump(&self.stats.elements, 1);
             bump(&self.stats.bytes_out, el.out_len);
             return Ok(Sent::Yes);
@@ -451,7 +604,7 @@ impl ShadowQueue {
         // Room was checked above, so the add cannot fail.
         let Ok(head) = added else { return Err((FaultKind::TooLarge, "shadow ring accounting".into())) };
         self.in_flight[head as usize] =
-            Some(InFlight { origin: el.origin, out_buf, in_buf, guest_in: el.chain.inn, out_bytes: el.out_bytes });
+            Slot::of(InFlight { origin: el.origin, out_buf, in_buf, guest_in: el.chain.inn, out_bytes: el.out_bytes });
         bump(&self.stats.elements, 1);
         bump(&self.stats.bytes_out, el.out_len);
         Ok(Sent::Yes)
@@ -543,26 +696,9 @@ impl ShadowQueue {
         }
         loop {
             self.shadow.disable_cb();
-            loop {
-                match self.shadow.pop_used() {
-                    Ok(Some((head, len))) => {
-                        // The writer only returns heads it has in flight.
-                        let Some(f) = self.in_flight[head as usize].take() else {
-                            self.call_guest();
-                            return self.fail(FaultKind::DeviceProtocol, format!("used id {head} has no element"));
-                        };
-                        bump(&self.stats.bytes_in, len as u64);
-                        if let Err((kind, msg)) = self.complete(f, len) {
-                            self.call_guest();
-                            return self.fail(kind, msg);
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        self.call_guest();
-                        return self.fail(FaultKind::DeviceProtocol, e.to_string());
-                    }
-                }
+            if let Err((kind, msg)) = self.reap_used() {
+                self.call_guest();
+                return self.fail(kind, msg);
             }
             self.call_guest();
             if !self.shadow.enable_cb() {
@@ -572,6 +708,38 @@ impl ShadowQueue {
         if self.held.is_some() || !self.injected.is_empty() {
             self.forward();
         }
+    }
+
+    /// Reaps every used entry the device published and completes its element.
+    fn reap_used(&mut self) -> Result<(), (FaultKind, String)> {
+        let (mut completed, mut bytes_in) = (0u64, 0u64);
+        let res = loop {
+            let (head, len) = match self.shadow.pop_used() {
+                Ok(Some(used)) => used,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err((FaultKind::DeviceProtocol, e.to_string())),
+            };
+            // The writer only returns heads it has in flight (all below the ring size).
+            let slot = self.in_flight.get_mut(head as usize).map(std::mem::take).unwrap_or_default();
+            match slot {
+                Slot::Guest(guest_head) => {
+                    bytes_in += len as u64;
+                    self.guest.push_used(guest_head, len);
+                    completed += 1;
+                    self.pushed = true;
+                }
+                Slot::Rich(f) => {
+                    bytes_in += len as u64;
+                    if let Err(e) = self.complete(*f, len) {
+                        break Err(e);
+                    }
+                }
+                Slot::Free => break Err((FaultKind::DeviceProtocol, format!("used id {head} has no element"))),
+            }
+        };
+        bump(&self.stats.bytes_in, bytes_in);
+        bump(&self.stats.completed, completed);
+        res
     }
 
     /// Completes one element the device returned with `len` (already checked against the
@@ -632,14 +800,22 @@ impl ShadowQueue {
         let heads: Vec<u16> = self.shadow.in_flight_heads().collect();
         for head in heads {
             self.shadow.reclaim(head);
-            if let Some(f) = self.in_flight[head as usize].take() {
-                for b in [f.out_buf, f.in_buf].into_iter().flatten() {
-                    if let Some(Err(e)) = self.bounce.as_mut().map(|p| p.free(b)) {
-                        first.get_or_insert(e);
-                    }
+            match self.in_flight.get_mut(head as usize).map(std::mem::take).unwrap_or_default() {
+                Slot::Free => {}
+                Slot::Guest(guest_head) => {
+                    self.complete_guest(guest_head, 0);
+                    returned += 1;
                 }
-                self.finish(f.origin, 0, Err(format!("queue {} stopped", self.index)));
-                returned += 1;
+                Slot::Rich(f) => {
+                    let f = *f;
+                    for b in [f.out_buf, f.in_buf].into_iter().flatten() {
+                        if let Some(Err(e)) = self.bounce.as_mut().map(|p| p.free(b)) {
+                            first.get_or_insert(e);
+                        }
+                    }
+                    self.finish(f.origin, 0, Err(format!("queue {} stopped", self.index)));
+                    returned += 1;
+                }
             }
         }
         let waiting: Vec<Element> = self.held.take().into_iter().chain(self.injected.drain(..)).collect();

@@ -1,7 +1,7 @@
 //! What a shadow queue reports: its health (the fault that broke it, if any) and its
 //! counters, both readable while the engine runs.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Which party broke a queue, and how.
@@ -30,6 +30,8 @@ pub struct QueueFault {
 #[derive(Debug, Default)]
 pub struct QueueHealth {
     fault: Mutex<Option<QueueFault>>,
+    /// Set (after `fault`) once the queue broke: the hot path's check, without the lock.
+    broken: AtomicBool,
 }
 
 impl QueueHealth {
@@ -38,12 +40,19 @@ impl QueueHealth {
         self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Whether the queue was broken (a lock-free check; [`QueueHealth::fault`] says why).
+    #[inline]
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
     /// Marks the queue broken (the first fault wins).
     pub fn set(&self, kind: FaultKind, message: String) {
         let mut f = self.fault.lock().unwrap_or_else(|p| p.into_inner());
         if f.is_none() {
             *f = Some(QueueFault { kind, message });
         }
+        self.broken.store(true, Ordering::Release);
     }
 }
 

@@ -16,7 +16,7 @@ use super::{backend_feature as bf, status, Device, DeviceError, DeviceResult, Io
 use crate::eventfd::EventFd;
 use crate::live::ThreadToken;
 use crate::ring::layout::{RingLayout, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use crate::ring::{Chain, RingReader};
+use crate::ring::{Chain, RingReader, Vring};
 
 mod blk;
 mod net;
@@ -96,8 +96,21 @@ struct SimQueue {
     call: Option<EventFd>,
     /// Created when the device starts (DRIVER_OK) on an enabled queue.
     reader: Option<RingReader>,
+    /// The ring as last translated, valid while the IOTLB generation and the ring's
+    /// address space, size and addresses are the ones it was translated with.
+    ring_cache: Option<RingCache>,
     /// Deliberate protocol violations (tests).
     misbehaviour: Option<Misbehaviour>,
+}
+
+/// A translated ring and what its translation depended on.
+#[derive(Debug, Clone, Copy)]
+struct RingCache {
+    generation: u64,
+    asid: u32,
+    num: u16,
+    addrs: (u64, u64, u64),
+    ring: Vring,
 }
 
 /// Counters of what the device did (readable for tests and `svq info`).
@@ -128,6 +141,9 @@ pub(crate) struct SimState {
     queues: Vec<SimQueue>,
     group_asid: Vec<u32>,
     spaces: Vec<AddressSpace>,
+    /// Bumped on every change of any address space: a ring translated under another
+    /// generation is translated again before the device touches it.
+    iotlb_generation: u64,
     config_call: Option<EventFd>,
     faults: Vec<String>,
     stats: SimStats,
@@ -178,6 +194,7 @@ impl SimDevice {
             queues: (0..nq).map(|_| SimQueue::default()).collect(),
             group_asid: vec![0; ngroups],
             spaces: (0..nas).map(|_| AddressSpace::default()).collect(),
+            iotlb_generation: 0,
             config_call: None,
             faults: Vec::new(),
             stats: SimStats::default(),
@@ -295,6 +312,7 @@ impl SimState {
         if self.backend_features & (1 << bf::IOTLB_PERSIST) == 0 {
             self.spaces.iter_mut().for_each(|s| *s = AddressSpace::default());
         }
+        self.iotlb_generation += 1;
         self.faults.clear();
         // The MAC lives in config space and survives reset (as in vdpa_sim_net).
         self.net = crate::net::NetState::default();
@@ -326,6 +344,7 @@ impl SimState {
         let asid = self.queue_asid(q);
         let event_idx = self.has(VIRTIO_RING_F_EVENT_IDX);
         let indirect = self.has(VIRTIO_RING_F_INDIRECT_DESC);
+        let generation = self.iotlb_generation;
         let SimState { queues, spaces, chain, scratch, stats, .. } = self;
         let queue = &mut queues[q];
         if !queue.enabled || queue.num == 0 {
@@ -333,8 +352,21 @@ impl SimState {
         }
         let view = DeviceView { space: &spaces[asid as usize], asid };
         let layout = RingLayout::new(queue.num)?;
-        let res = view
-            .ring(layout, queue.desc, queue.avail, queue.used)
+        let addrs = (queue.desc, queue.avail, queue.used);
+        // The IOTLB is what it was when the ring was last translated: the translation
+        // would give the same host pointers (and the same refusal is impossible, since
+        // only successes are kept).
+        let cached = queue
+            .ring_cache
+            .filter(|c| c.generation == generation && c.asid == asid && c.num == queue.num && c.addrs == addrs)
+            .map(|c| c.ring);
+        let translated = match cached {
+            Some(ring) => Ok(ring),
+            None => view.ring(layout, addrs.0, addrs.1, addrs.2).inspect(|&ring| {
+                queue.ring_cache = Some(RingCache { generation, asid, num: queue.num, addrs, ring });
+            }),
+        };
+        let res = translated
             .map_err(|e| format!("ring: {e}"))
             .and_then(|ring| {
                 let reader = queue.reader.get_or_insert_with(|| RingReader::new(ring, queue.base, event_idx, indirect));
@@ -407,7 +439,7 @@ impl SimState {
             let mut more = false;
             for q in 0..self.queues.len() {
                 if self.queues[q].reader.is_some() {
-                    // Through a freshly translated ring: mappings may have changed.
+                    // Through a ring translated under the current IOTLB: mappings may have changed.
                     more |= self.with_ring(q, |r, _, _, _, _| Ok(r.enable_notify())).unwrap_or(false);
                 }
             }
@@ -649,6 +681,8 @@ impl Device for SimDevice {
         if asid as usize >= st.spaces.len() || (asid != 0 && st.backend_features & (1 << bf::IOTLB_ASID) == 0) {
             return Err(einval(format!("IOTLB message for ASID {asid}")));
         }
+        // Whatever happens below, rings are translated again before their next use.
+        st.iotlb_generation += 1;
         for op in ops {
             match *op {
                 IotlbOp::Update { iova, size, uaddr, perm } => st.spaces[asid as usize]

@@ -29,7 +29,7 @@ impl DeviceView<'_> {
         }
         // SAFETY: each part was translated as one contiguous host range of its full size
         // with the needed permission; the mapping's owner keeps it alive while it is in the
-        // IOTLB, and the device re-translates before every pass.
+        // IOTLB, and the device translates again after any change of its IOTLB.
         Ok(unsafe { Vring::new(nn(d, desc)?, nn(a, avail)?, nn(u, used)?, layout) })
     }
 
