@@ -8,6 +8,7 @@
 //! * [`forward`]: svq's real [`ShadowQueue`] (guest [`RingReader`] → translation →
 //!   shadow [`RingWriter`], then used-entry validation and completion) driven in-process
 //!   on one thread, with this module playing the guest driver and the device.
+//! * [`copy`]: copy mode's linearization into pool buffers against memcpy.
 //!
 //! Times come from [`Instant`] around loops (never around single operations shorter than
 //! the clock's own cost), and every result is fed to [`black_box`] so nothing is optimised
@@ -498,6 +499,127 @@ pub fn forward(segments: usize, frame_size: usize, elements: u64, batch: usize, 
 // Python bindings
 // ---------------------------------------------------------------------------------------
 
+// ---------------------------------------------------------------------------------------
+// Copy mode
+// ---------------------------------------------------------------------------------------
+
+/// What [`copy`] measured.
+#[derive(Debug, Clone, Default)]
+pub struct CopyFigures {
+    /// Elements copied and completed.
+    pub elements: u64,
+    /// svq's CPU per element (forward: linearize into a pool buffer; reap: free it).
+    pub svq_ns: f64,
+    /// A plain memcpy of the same bytes from the same guest buffers, per element.
+    pub memcpy_ns: f64,
+}
+
+/// Accepts every address: the bench device completes elements without reading them.
+struct AnySpace;
+impl BufferSpace for AnySpace {
+    const NAME: &'static str = "the bench device";
+    fn check(&self, _addr: u64, _len: u64, _write: bool) -> bool {
+        true
+    }
+    fn read_desc(&self, _table: u64, _i: u32) -> Option<Descriptor> {
+        None
+    }
+}
+
+/// Copy mode in process: elements of `bytes` device-readable bytes (one guest buffer each)
+/// through a copy-mode [`ShadowQueue`] with the pre-mapped pool, `batch` at a time, the
+/// device completing each with length 0; against a memcpy of the same bytes from the same
+/// guest buffers into `batch` host buffers.
+pub fn copy(bytes: usize, elements: u64, batch: usize) -> Result<CopyFigures, String> {
+    use crate::bounce::{BouncePool, Strategy};
+    use crate::device::sim::SimDevice;
+    use crate::dma::Dma;
+    use crate::shadow::BounceSpace;
+
+    let slot = (bytes as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let batch = batch.clamp(1, 64);
+    let gpa = FWD_GUEST_GPA;
+    let size = (1 << 20) + slot * batch as u64;
+    let mem = Arc::new(GuestMemory::new(&[(gpa, size.div_ceil(PAGE_SIZE) * PAGE_SIZE)]).map_err(|e| e.to_string())?);
+    mem.write(gpa + (1 << 20), &vec![0x5a; (slot as usize) * batch]).map_err(|e| e.to_string())?;
+    let layout = RingLayout::new(FWD_QUEUE_SIZE).expect("power of two");
+    let (d, a, u, _) = layout.packed_offsets();
+    let ptr = |off: u64, len: u64| mem.host_ptr(gpa + off, len).map_err(|e| e.to_string());
+    // SAFETY: as in `forward`: the parts lie inside guest memory at aligned offsets, and
+    // `mem` outlives the ring's users.
+    let guest_ring = unsafe { Vring::new(ptr(d, layout.desc_bytes())?, ptr(a, layout.avail_bytes())?, ptr(u, layout.used_bytes())?, layout) };
+    let shadow = host_ring(FWD_QUEUE_SIZE);
+    // An idle embedded device is the IOTLB the pool maps into.
+    let dev: Arc<dyn crate::device::Device> = Arc::new(SimDevice::net([2, 0, 0, 0, 0, 1], 1500).map_err(|e| e.to_string())?);
+    let dma = Arc::new(Dma::new(dev).map_err(|e| e.to_string())?);
+    let chunks = (batch * (slot / PAGE_SIZE) as usize).div_ceil(64) + 1;
+    let pool = BouncePool::new(dma.clone(), 0, Strategy::Pool, chunks).map_err(|e| e.to_string())?;
+    let efd = || EventFd::new().map_err(|e| format!("eventfd: {e}"));
+    let fds = ShadowFds { guest_kick: Arc::new(efd()?), guest_call: Arc::new(efd()?), device_kick: efd()?, device_call: efd()? };
+    let mut sq = ShadowQueue::new(ShadowParts {
+        index: 1,
+        forwarding: Forwarding::Copy(Strategy::Pool),
+        guest: RingReader::new(guest_ring, 0, true, false),
+        shadow: RingWriter::new(shadow.ring, 0, true),
+        mem: mem.clone(),
+        regions: Vec::new(),
+        fds,
+        stats: Arc::new(QueueStats::default()),
+        health: Arc::new(QueueHealth::default()),
+        bounce_space: Some(BounceSpace { dma, asid: 0, strategy: Strategy::Pool }),
+        bounce: Some(pool),
+    });
+    let mut guest = RingWriter::new(guest_ring, 0, true);
+    let mut device = RingReader::new(shadow.ring, 0, true, false);
+    device.enable_notify();
+    guest.enable_cb();
+    let addr = |j: usize| gpa + (1 << 20) + slot * j as u64;
+    let mut chain = Chain::default();
+    let mut fig = CopyFigures::default();
+    let mut t_svq = 0f64;
+    while fig.elements < elements {
+        for j in 0..batch {
+            guest.add(&[Buf { addr: addr(j), len: bytes as u32, write: false }]).map_err(|e| e.to_string())?;
+        }
+        guest.publish();
+        let t = Instant::now();
+        sq.forward();
+        t_svq += t.elapsed().as_secs_f64();
+        let mut n = 0;
+        while device.pop(&AnySpace, &mut chain).map_err(|e| format!("device: {e}"))? {
+            device.push_used(chain.head, 0);
+            n += 1;
+        }
+        device.publish_used();
+        device.enable_notify();
+        let t = Instant::now();
+        sq.reap();
+        t_svq += t.elapsed().as_secs_f64();
+        while guest.pop_used().map_err(|e| format!("guest: {e}"))?.is_some() {}
+        guest.enable_cb();
+        if n != batch || sq.is_broken() {
+            return Err(format!("copy mode forwarded {n} of {batch} elements"));
+        }
+        fig.elements += batch as u64;
+    }
+    // The peer: the same bytes from the same guest buffers, copied by memcpy into as many
+    // destination buffers as svq has bounce buffers in flight (the same working set).
+    let mut dst: Vec<Vec<u8>> = (0..batch).map(|_| vec![0u8; bytes]).collect();
+    let t = Instant::now();
+    for i in 0..fig.elements {
+        let j = i as usize % batch;
+        let src = mem.host_ptr(addr(j), bytes as u64).map_err(|e| e.to_string())?;
+        // SAFETY: `src` is valid for `bytes` bytes of guest memory (host_ptr checked) and
+        // `dst[j]` is a separate buffer of the same length.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst[j].as_mut_ptr(), bytes) };
+        black_box(&mut dst[j]);
+    }
+    fig.memcpy_ns = t.elapsed().as_secs_f64() * 1e9 / fig.elements as f64;
+    fig.svq_ns = t_svq * 1e9 / fig.elements as f64;
+    drop(sq);
+    Ok(fig)
+}
+
 #[cfg(feature = "python")]
 mod py {
     use pyo3::exceptions::PyRuntimeError;
@@ -564,7 +686,20 @@ mod py {
         Ok(d)
     }
 
+    /// Copy mode's per-element cost against memcpy of the same bytes (see [`super::copy`]).
+    #[pyfunction]
+    #[pyo3(signature = (bytes, elements, batch = 16))]
+    fn bench_copy<'py>(py: Python<'py>, bytes: usize, elements: u64, batch: usize) -> PyResult<Bound<'py, PyDict>> {
+        let f = py.detach(|| super::copy(bytes, elements, batch)).map_err(PyRuntimeError::new_err)?;
+        let d = PyDict::new(py);
+        d.set_item("elements", f.elements)?;
+        d.set_item("svq_ns", f.svq_ns)?;
+        d.set_item("memcpy_ns", f.memcpy_ns)?;
+        Ok(d)
+    }
+
     pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(bench_copy, m)?)?;
         m.add_function(wrap_pyfunction!(bench_iova, m)?)?;
         m.add_function(wrap_pyfunction!(bench_forward, m)?)?;
         m.add_function(wrap_pyfunction!(bench_forward_layout, m)?)?;

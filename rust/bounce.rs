@@ -3,9 +3,12 @@
 //!
 //! Two strategies, so both can be measured:
 //! - [`Strategy::Pool`] (the default) maps chunks of buffers once, hands out page runs
-//!   from them, zero-fills a run when it comes back, and grows by another mapped chunk
-//!   when exhausted. Every free page of the pool is zero, so a buffer's page-rounded tail
-//!   never holds stale data.
+//!   from them, and grows by another mapped chunk when exhausted. It remembers how much
+//!   of each page may be non-zero, and zeroes exactly that much when a page is reused:
+//!   a device-writable buffer is handed out all zero, a device-readable one holds the
+//!   copied bytes and zeroes after them to its page-rounded end. So the device never sees
+//!   host memory or a previous buffer's tail, and a buffer overwritten whole costs no
+//!   extra pass.
 //! - [`Strategy::PerElement`] creates, maps, unmaps and frees memory for every buffer.
 
 use std::ptr::NonNull;
@@ -52,11 +55,13 @@ struct Chunk {
     mem: GuestMemory,
     iova: u64,
     used: Vec<bool>,
+    /// Per page: how many leading bytes may be non-zero.
+    dirty: Vec<u16>,
 }
 
 #[derive(Debug)]
 enum Home {
-    Pool { chunk: usize, first: usize, pages: usize },
+    Pool { chunk: usize, first: usize, pages: usize, device_writable: bool },
     Own { mem: GuestMemory },
 }
 
@@ -68,6 +73,8 @@ pub struct BounceBuf {
     host: NonNull<u8>,
     /// Page-rounded capacity.
     pub cap: usize,
+    /// Bytes written from the start (what may be non-zero once the device had it).
+    written: usize,
     home: Home,
 }
 
@@ -80,7 +87,8 @@ impl BounceBuf {
     pub fn write(&mut self, at: usize, data: &[u8]) {
         assert!(at + data.len() <= self.cap, "bounce write past capacity");
         // SAFETY: in bounds (checked above); the buffer memory is ours while we hold it.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.as_ptr().add(at), data.len()) }
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.as_ptr().add(at), data.len()) };
+        self.written = self.written.max(at + data.len());
     }
 
     /// The first `len` bytes.
@@ -144,13 +152,41 @@ impl BouncePool {
             .collect();
         let maps = self.dma.map(self.asid, &reqs)?;
         for ((mem, m), &pages) in mems.into_iter().zip(maps).zip(sizes) {
-            self.chunks.push(Chunk { mem, iova: m.iova, used: vec![false; pages] });
+            self.chunks.push(Chunk { mem, iova: m.iova, used: vec![false; pages], dirty: vec![0; pages] });
         }
         Ok(())
     }
 
-    /// A zero-filled buffer of at least `len` bytes.
+    /// A zero-filled buffer of at least `len` bytes, for the device to write.
     pub fn alloc(&mut self, len: usize) -> Result<BounceBuf, BounceError> {
+        self.take(len, 0, true)
+    }
+
+    /// A buffer holding `data` followed by zeroes to its page-rounded end, for the device
+    /// to read.
+    pub fn alloc_with(&mut self, data: &[u8]) -> Result<BounceBuf, BounceError> {
+        let mut b = self.take(data.len(), data.len(), false)?;
+        b.write(0, data);
+        Ok(b)
+    }
+
+    /// A buffer of `len` bytes that `fill` writes entirely (bytes `0..len`), followed by
+    /// zeroes to its page-rounded end, for the device to read. If `fill` fails the
+    /// buffer is given back.
+    pub fn alloc_filled<E>(&mut self, len: usize, fill: impl FnOnce(&mut BounceBuf) -> Result<(), E>) -> Result<BounceBuf, Result<BounceError, E>> {
+        let mut b = self.take(len, len, false).map_err(Ok)?;
+        if let Err(e) = fill(&mut b) {
+            // The fill may have left part of the run written: free() counts it dirty.
+            b.written = b.cap;
+            let _ = self.free(b);
+            return Err(Err(e));
+        }
+        Ok(b)
+    }
+
+    /// A buffer of `len` bytes whose bytes from `keep` on are zero (`0..keep` will be
+    /// overwritten by the caller).
+    fn take(&mut self, len: usize, keep: usize, device_writable: bool) -> Result<BounceBuf, BounceError> {
         let pages = pages_for(len);
         let buf = match self.strategy {
             Strategy::PerElement => {
@@ -159,7 +195,7 @@ impl BouncePool {
                 let req = MapRequest { size: r.size, host: r.host_addr(), guest: None, perm: Perm::ReadWrite, at: None };
                 let m = self.dma.map_one(self.asid, req)?;
                 let host = NonNull::new(r.host_addr() as *mut u8).expect("mmap never returns null");
-                BounceBuf { iova: m.iova, host, cap: pages * PAGE_SIZE as usize, home: Home::Own { mem } }
+                BounceBuf { iova: m.iova, host, cap: pages * PAGE_SIZE as usize, written: 0, home: Home::Own { mem } }
             }
             Strategy::Pool => {
                 let (chunk, first) = match self.find(pages) {
@@ -170,15 +206,27 @@ impl BouncePool {
                     }
                 };
                 let c = &mut self.chunks[chunk];
-                c.used[first..first + pages].iter_mut().for_each(|u| *u = true);
                 let base = c.mem.regions()[0].host_addr() as *mut u8;
+                let page = PAGE_SIZE as usize;
+                for p in first..first + pages {
+                    c.used[p] = true;
+                    // Zero what may be non-zero and is not about to be overwritten.
+                    let from = keep.saturating_sub((p - first) * page).min(page);
+                    let to = c.dirty[p] as usize;
+                    if to > from {
+                        // SAFETY: page p of this chunk, bytes from..to < PAGE_SIZE.
+                        unsafe { std::ptr::write_bytes(base.add(p * page + from), 0, to - from) };
+                    }
+                    c.dirty[p] = 0;
+                }
                 // SAFETY: first + pages <= chunk pages, so the offset is inside the chunk.
-                let host = unsafe { NonNull::new_unchecked(base.add(first * PAGE_SIZE as usize)) };
+                let host = unsafe { NonNull::new_unchecked(base.add(first * page)) };
                 BounceBuf {
                     iova: c.iova + (first as u64) * PAGE_SIZE,
                     host,
-                    cap: pages * PAGE_SIZE as usize,
-                    home: Home::Pool { chunk, first, pages },
+                    cap: pages * page,
+                    written: 0,
+                    home: Home::Pool { chunk, first, pages, device_writable },
                 }
             }
         };
@@ -200,15 +248,22 @@ impl BouncePool {
         None
     }
 
-    /// Returns a buffer: zero-filled back into the pool, or unmapped and freed.
+    /// Returns a buffer: back into the pool (remembering what may be non-zero in it), or
+    /// unmapped and freed.
     pub fn free(&mut self, buf: BounceBuf) -> Result<(), BounceError> {
         self.live -= 1;
         LIVE.fetch_sub(1, Ordering::SeqCst);
         match buf.home {
-            Home::Pool { chunk, first, pages } => {
-                // SAFETY: the run belongs to this pool's chunk and nobody else uses it now.
-                unsafe { std::ptr::write_bytes(buf.host.as_ptr(), 0, buf.cap) };
-                self.chunks[chunk].used[first..first + pages].iter_mut().for_each(|u| *u = false);
+            Home::Pool { chunk, first, pages, device_writable } => {
+                let c = &mut self.chunks[chunk];
+                // The device may have written anywhere in a writable buffer.
+                let extent = if device_writable { buf.cap } else { buf.written };
+                let page = PAGE_SIZE as usize;
+                for p in first..first + pages {
+                    let bytes = extent.saturating_sub((p - first) * page).min(page) as u16;
+                    c.dirty[p] = c.dirty[p].max(bytes);
+                    c.used[p] = false;
+                }
                 Ok(())
             }
             Home::Own { mem } => {
@@ -264,7 +319,19 @@ mod tests {
         p.free(b).unwrap();
         let b = p.alloc(100).unwrap();
         assert_eq!(b.iova, first, "the run is reused");
-        assert!(b.bytes(4096).iter().all(|&x| x == 0), "no stale byte anywhere in the page");
+        assert!(b.bytes(4096).iter().all(|&x| x == 0), "a writable buffer comes all zero");
+        p.free(b).unwrap();
+        // A readable buffer: its bytes, then zeroes to the page end, whatever was there.
+        let mut b = p.alloc_with(&[0xbb; 5000]).unwrap();
+        b.write(5000, &[0xcc; 3000]);
+        p.free(b).unwrap();
+        let b = p.alloc_with(&[0xdd; 10]).unwrap();
+        assert_eq!(b.cap, 4096);
+        assert!(b.bytes(10).iter().all(|&x| x == 0xdd));
+        assert!(b.bytes(4096)[10..].iter().all(|&x| x == 0), "the old tail was zeroed");
+        p.free(b).unwrap();
+        let b = p.alloc(8192).unwrap();
+        assert!(b.bytes(8192).iter().all(|&x| x == 0), "both pages zero again");
         p.free(b).unwrap();
         assert_eq!((p.live(), dma.live()), (0, 1));
         p.release().unwrap();

@@ -11,6 +11,7 @@ __all__ = [
     "bench_iova",
     "bench_forward",
     "bench_forward_layout",
+    "bench_copy",
     "SvqError",
     "NegotiationError",
     "SessionClosedError",
@@ -119,3 +120,4 @@ def bench_forward(
     segments: int, frame_size: int, elements: int, batch: int = 32, event_idx: bool = True
 ) -> dict[str, int]: ...
 def bench_forward_layout() -> dict[str, int]: ...
+def bench_copy(bytes: int, elements: int, batch: int = 16) -> dict[str, float]: ...

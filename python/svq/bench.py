@@ -14,6 +14,9 @@ because the machines are noisy: absolute times are for orientation only. Rows:
 * **parse**: svq's validated pop vs rust-vmm ``virtio-queue`` over the same ring
   contents; a cargo test binary (``benches/guest_ring_parse.rs``), so only from a source
   tree with cargo.
+* **copy**: copy mode's per-command cost for 64-byte control commands with the pre-mapped
+  pool vs per-element map/unmap (on ``sim:net``, 128 in flight), and copy mode's cost per
+  4 KiB / 64 KiB element vs memcpy of the same bytes (in process, ``_native.bench_copy``).
 * **notify**: kicks and calls per element under sustained load, event idx on vs off.
 * **boundary**: one ``send`` of 256 frames vs 256 ``send`` calls of one frame.
 
@@ -725,6 +728,57 @@ def _sustained(event_idx: bool, rounds: int, batch: int = 32, depth: int = 4) ->
     }
 
 
+def _command_cost(strategy: str, rounds: int, batch: int = 128) -> float:
+    """Seconds per 64-byte control command injected on a copy-mode control queue, `batch`
+    in flight at a time (best round)."""
+    from .session import Mode, Session
+
+    cmds = [(net.vlan_add(1) + bytes(60), 1)] * batch
+    with Session(
+        "sim:net", mode=Mode.PASSTHROUGH, queue_modes={net.CTRL: Mode.COPY}, copy_strategy=strategy, track_net_state=False
+    ) as s:
+        s.inject_many(net.CTRL, cmds)  # warm up
+        best = math.inf
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            s.inject_many(net.CTRL, cmds)
+            best = min(best, (time.perf_counter() - t0) / batch)
+    return best
+
+
+def copy_rows(p: Plan) -> list[Row]:
+    _progress("copy mode: 64 B commands, pool vs per-element")
+    rounds = 5 if p.quick else 20
+    pool, per_element = _command_cost("pool", rounds), _command_cost("per-element", rounds)
+    rows = [
+        _row(
+            "copy: 64B command, pool (vs per-element)",
+            pool * 1e9,
+            per_element * 1e9,
+            "ns/cmd",
+            higher_better=False,
+            target=">= 10x cheaper than per-element",
+            min_ratio=10,
+        )
+    ]
+    for size in (4096, 65536):
+        _progress(f"copy mode: {size // 1024} KiB elements vs memcpy")
+        n = (20_000 if size == 4096 else 4_000) // (4 if p.quick else 1)
+        r = min((_native.bench_copy(size, n) for _ in range(3)), key=lambda r: r["svq_ns"])
+        rows.append(
+            _row(
+                f"copy: {size // 1024} KiB element (vs memcpy)",
+                size / r["svq_ns"],
+                size / r["memcpy_ns"],
+                "GB/s",
+                higher_better=True,
+                target=">= 50% of memcpy",
+                min_ratio=0.5,
+            )
+        )
+    return rows
+
+
 def notify_rows(p: Plan) -> list[Row]:
     _progress("notifications under sustained load, event idx on and off")
     on, off = _sustained(True, p.notify_rounds), _sustained(False, p.notify_rounds)
@@ -847,6 +901,7 @@ SECTIONS: dict[str, Callable[[Plan], list[Row]]] = {
     "forward": forward_inprocess_rows,
     "e2e": forward_e2e_rows,
     "parse": parse_rows,
+    "copy": copy_rows,
     "notify": notify_rows,
     "boundary": boundary_rows,
 }

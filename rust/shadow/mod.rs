@@ -628,18 +628,14 @@ impl ShadowQueue {
     fn take_buffers(&mut self, el: &Element) -> Result<(Option<BounceBuf>, Option<BounceBuf>), String> {
         let mut out_buf = None;
         if el.out_len > 0 {
-            let mut b = self.pool()?.alloc(el.out_len as usize).map_err(|e| e.to_string())?;
-            let filled = match &el.out_bytes {
-                Some(bytes) => {
-                    b.write(0, bytes);
-                    Ok(())
-                }
-                None => self.fill_from_guest(&mut b, &el.chain.out),
+            let mem = self.mem.clone();
+            let pool = self.pool()?;
+            let b = match &el.out_bytes {
+                Some(bytes) => pool.alloc_with(bytes).map_err(|e| e.to_string())?,
+                None => pool
+                    .alloc_filled(el.out_len as usize, |b| fill_from_guest(&mem, b, &el.chain.out))
+                    .map_err(|e| e.map_or_else(|fill| fill, |pool| pool.to_string()))?,
             };
-            if let Err(e) = filled {
-                let _ = self.pool()?.free(b);
-                return Err(e);
-            }
             out_buf = Some(b);
         }
         let mut in_buf = None;
@@ -655,28 +651,6 @@ impl ShadowQueue {
             }
         }
         Ok((out_buf, in_buf))
-    }
-
-    fn fill_from_guest(&self, b: &mut BounceBuf, segs: &[Segment]) -> Result<(), String> {
-        let mut at = 0usize;
-        let mut tmp = Vec::new();
-        for s in segs {
-            match self.mem.host_ptr(s.addr, s.len as u64) {
-                Ok(p) => {
-                    // SAFETY: host_ptr checked s.len bytes of guest memory at p.
-                    let src = unsafe { std::slice::from_raw_parts(p.as_ptr(), s.len as usize) };
-                    b.write(at, src);
-                }
-                Err(_) => {
-                    // The segment straddles two regions: copy it piecewise.
-                    tmp.resize(s.len as usize, 0);
-                    self.mem.read(s.addr, &mut tmp).map_err(|e| e.to_string())?;
-                    b.write(at, &tmp);
-                }
-            }
-            at += s.len as usize;
-        }
-        Ok(())
     }
 
     fn kick_device(&mut self) {
@@ -830,4 +804,27 @@ impl ShadowQueue {
         }
         first.map_or(Ok(returned), Err)
     }
+}
+
+/// Copies the guest's readable segments into `b` from its start.
+fn fill_from_guest(mem: &GuestMemory, b: &mut BounceBuf, segs: &[Segment]) -> Result<(), String> {
+    let mut at = 0usize;
+    let mut tmp = Vec::new();
+    for s in segs {
+        match mem.host_ptr(s.addr, s.len as u64) {
+            Ok(p) => {
+                // SAFETY: host_ptr checked s.len bytes of guest memory at p.
+                let src = unsafe { std::slice::from_raw_parts(p.as_ptr(), s.len as usize) };
+                b.write(at, src);
+            }
+            Err(_) => {
+                // The segment straddles two regions: copy it piecewise.
+                tmp.resize(s.len as usize, 0);
+                mem.read(s.addr, &mut tmp).map_err(|e| e.to_string())?;
+                b.write(at, &tmp);
+            }
+        }
+        at += s.len as usize;
+    }
+    Ok(())
 }

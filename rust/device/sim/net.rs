@@ -7,35 +7,7 @@
 //! and the filter honours them; RSS and hash configuration are refused with ERR.
 
 use super::{SimKind, SimState};
-use crate::net::{Command, NetState, RxMode, ACK_ERR, ACK_OK};
-
-/// virtio-net feature bits (virtio spec 5.1.3).
-pub mod feature {
-    /// Device reports its MTU.
-    pub const MTU: u32 = 3;
-    /// Device has a MAC in config space.
-    pub const MAC: u32 = 5;
-    /// Link status in config space.
-    pub const STATUS: u32 = 16;
-    /// Control queue.
-    pub const CTRL_VQ: u32 = 17;
-    /// MAC_ADDR_SET through the control queue.
-    pub const CTRL_MAC_ADDR: u32 = 23;
-    /// Guest offloads through the control queue.
-    pub const CTRL_GUEST_OFFLOADS: u32 = 2;
-    /// RX modes PROMISC/ALLMULTI and the MAC table.
-    pub const CTRL_RX: u32 = 18;
-    /// VLAN filter.
-    pub const CTRL_VLAN: u32 = 19;
-    /// RX modes ALLUNI/NOMULTI/NOUNI/NOBCAST.
-    pub const CTRL_RX_EXTRA: u32 = 20;
-    /// Gratuitous announcement.
-    pub const GUEST_ANNOUNCE: u32 = 21;
-    /// Multiqueue (the device has one pair).
-    pub const MQ: u32 = 22;
-    /// Any framing of headers and data.
-    pub const ANY_LAYOUT: u32 = 27;
-}
+use crate::net::{feature, Command, NetState, RxMode, ACK_ERR, ACK_OK};
 
 pub(super) const FEATURES: u64 = (1 << feature::MTU)
     | (1 << feature::MAC)
@@ -62,9 +34,8 @@ pub const NET_HDR_LEN: usize = 12;
 /// Bytes the device reads of one TX frame (the kernel simulator's page-sized buffer).
 const TX_BUFFER: usize = 4096;
 
-
-/// Config space: mac[6], status u16, max_virtqueue_pairs u16, mtu u16, speed u32,
-/// duplex u8, rss fields... (24 bytes, as the kernel simulator reports).
+/// Config space: mac[6], status u16, max_virtqueue_pairs u16, mtu u16, then zeroes up
+/// to 24 bytes (the size the kernel simulator reports).
 pub(super) fn config(mac: &[u8; 6], mtu: u16) -> Vec<u8> {
     let mut c = vec![0u8; 24];
     c[0..6].copy_from_slice(mac);
