@@ -80,7 +80,15 @@ impl Dma {
             Err(e) => Err(e.into()),
         };
         if let Err(e) = sent {
-            // Give back every IOVA this call took: the device applied none of the batch.
+            // A device may have applied the messages before the refused one: take them
+            // back (best effort; an overlap was refused before anything was applied, and
+            // invalidating then could remove a mapping that is not ours). Then give back
+            // every IOVA this call took.
+            let overlap = matches!(&e, DmaError::Device(d) if d.errno() == Some(nix::errno::Errno::EEXIST));
+            if !done.is_empty() && !overlap && !matches!(e, DmaError::Iova(_)) {
+                let undo: Vec<IotlbOp> = done.iter().map(|m| IotlbOp::Invalidate { iova: m.iova, size: m.size }).collect();
+                let _ = self.device.iotlb(asid, &undo);
+            }
             for m in &done {
                 let _ = inner.iova.remove(m.iova);
             }

@@ -179,6 +179,7 @@ impl Worker {
                             }
                             touched.push(queue);
                         }
+                        touched.sort_unstable();
                         touched.dedup();
                         queues.iter_mut().filter(|q| touched.contains(&q.index)).for_each(|q| q.forward());
                     }

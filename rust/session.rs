@@ -607,12 +607,13 @@ impl Session {
         }
     }
 
-    /// Attaches a hook to shadowed queue `q`; it sees every element popped after this
-    /// returns.
-    pub fn add_hook(&self, q: u32, hook: Box<dyn QueueHook>) -> Result<(), SessionError> {
+    /// Attaches a hook to shadowed queue `q`. The hook sees every element popped after
+    /// the returned slot completes (wait for it with [`Session::wait_injected`], without
+    /// holding anything the engine thread or a hook might need).
+    pub fn add_hook(&self, q: u32, hook: Box<dyn QueueHook>) -> Result<Arc<InjectSlot>, SessionError> {
         let done = Arc::new(InjectSlot::default());
         self.engine_for(q)?.submit(vec![Request::Hook { queue: q, hook, done: done.clone() }]);
-        Self::wait_injected(q, &done, Duration::from_secs(10)).map(drop)
+        Ok(done)
     }
 
     /// The session's live mappings with their address space, by IOVA.

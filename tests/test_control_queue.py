@@ -246,3 +246,14 @@ def test_python_hooks_answer_refuse_and_observe() -> None:
         st = s.stats(net.CTRL)
         assert (st["answered"], st["refused"]) == (1, 1)
         assert s.net_state() is None
+
+
+def test_tracked_control_queue_in_translate_mode_with_a_large_ack_buffer() -> None:
+    """The tracker reads back exactly the used length, however large the guest's
+    writable buffer (a 16-byte buffer for a 1-byte ack)."""
+    with svq.Session("sim:net") as s:
+        s.driver.submit(net.CTRL, [net.mac_addr_set(NEW_MAC)], [16])
+        [(_, length, ack)] = s.driver.wait(net.CTRL, 1)
+        assert (length, ack) == (1, OK)
+        assert s.net_state()["mac"] == NEW_MAC
+        assert s.driver.request(net.CTRL, [net.vlan_add(3)], 64)[0] == 1

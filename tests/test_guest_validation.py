@@ -108,3 +108,17 @@ def test_chain_too_large_for_the_shadow_ring() -> None:
         g.publish([0])
         with pytest.raises(svq.ElementTooLargeError, match="needs 16 shadow descriptors"):
             s.driver.wait(net.TX, 1, timeout=5)
+
+
+def test_an_element_too_large_to_copy_breaks_the_queue() -> None:
+    """Every descriptor of a chain points at the same 1 MiB: 128 MiB of readable bytes
+    from 1 MiB of guest memory. In copy mode svq refuses it rather than allocate it."""
+    with svq.Session("sim:net", mode=svq.Mode.COPY) as s:
+        g = RawGuest(s)
+        buf = 0x4000_0000 + (8 << 20)
+        for i in range(128):
+            g.put_desc(i, desc(buf, 1 << 20, NEXT if i < 127 else 0, i + 1 if i < 127 else 0))
+        g.publish([0])
+        with pytest.raises(svq.ElementTooLargeError, match="svq copies at most"):
+            s.driver.wait(net.TX, 1, timeout=5)
+        assert svq.live_resources()["bounce_buffers"] == 0

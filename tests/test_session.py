@@ -151,3 +151,12 @@ def test_a_timeout_keeps_what_did_complete() -> None:
         [(_, _, data)] = e.value.completions
         assert data.endswith(b"only one")
         s.driver.wait(net.TX, 1)
+
+
+def test_devices_open_and_close_quickly_without_hanging() -> None:
+    """The embedded device's thread always sees a stop request, however it races with
+    the device's own wake-ups."""
+    for _ in range(300):
+        dev = svq.Device("sim:net")
+        dev.status()
+        dev.close()

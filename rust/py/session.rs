@@ -169,6 +169,17 @@ impl Session {
     }
 }
 
+impl Drop for Session {
+    /// A session Python frees without closing it is closed here, with the interpreter
+    /// released: the engine thread being joined may be waiting for it inside a hook.
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(mut s) = inner {
+            Python::attach(|py| py.detach(move || drop(s.close())));
+        }
+    }
+}
+
 fn timeout(t: f64) -> PyResult<Duration> {
     if !(t.is_finite() && t >= 0.0) {
         return Err(PyValueError::new_err(format!("timeout must be a finite number of seconds >= 0, got {t}")));
@@ -281,7 +292,10 @@ impl Session {
     #[pyo3(signature = (q, avail = None, used = None))]
     fn add_hook(&self, py: Python<'_>, q: u32, avail: Option<Py<PyAny>>, used: Option<Py<PyAny>>) -> PyResult<()> {
         let hook = Box::new(PyHook { avail, used });
-        self.with(py, move |s| s.add_hook(q, hook))
+        let done = self.with(py, move |s| s.add_hook(q, hook))?;
+        // Wait with neither the session lock nor the interpreter held: the engine may be
+        // inside another hook, waiting for the interpreter.
+        py.detach(|| RustSession::wait_injected(q, &done, Duration::from_secs(10))).map(drop).map_err(to_py)
     }
 
     /// (maps, unmaps) sent to the device so far.
@@ -490,7 +504,7 @@ impl Session {
 
     /// Whether the session was closed.
     #[getter]
-    fn closed(&self) -> bool {
-        lock(&self.inner).is_none()
+    fn closed(&self, py: Python<'_>) -> bool {
+        py.detach(|| lock(&self.inner).is_none())
     }
 }

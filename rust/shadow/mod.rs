@@ -30,6 +30,11 @@ fn bump(a: &AtomicU64, n: u64) {
     a.store(a.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
 }
 
+/// The most bytes svq copies for one side of an element (and one descriptor can carry).
+/// A guest reaches more only by pointing many descriptors at the same memory, so a larger
+/// element breaks the queue instead of making svq allocate without bound.
+pub const MAX_COPY_BYTES: u64 = 64 << 20;
+
 /// Where one guest memory region is mapped for the device.
 #[derive(Debug, Clone, Copy)]
 pub struct RegionIova {
@@ -320,6 +325,10 @@ impl ShadowQueue {
             slot.complete(Err("an injected element needs readable or writable bytes".into()));
             return;
         }
+        if out.len() as u64 > MAX_COPY_BYTES || in_len as u64 > MAX_COPY_BYTES {
+            slot.complete(Err(format!("an injected element may have at most {MAX_COPY_BYTES} bytes per side")));
+            return;
+        }
         bump(&self.stats.injected, 1);
         let out_len = out.len() as u64;
         self.injected.push_back(Element {
@@ -476,6 +485,9 @@ impl ShadowQueue {
             if self.hooks.is_empty() {
                 return Ok(Some(el));
             }
+            if el.out_len > MAX_COPY_BYTES {
+                return Err(self.too_many_bytes(&el));
+            }
             let out = self.gather(&el.chain.out, el.out_len)?;
             let verdict = self
                 .hooks
@@ -503,14 +515,18 @@ impl ShadowQueue {
         }
     }
 
+    /// The first `total` bytes of `segs` (the used length of a completion may be shorter
+    /// than the segments).
     fn gather(&self, segs: &[Segment], total: u64) -> Result<Vec<u8>, (FaultKind, String)> {
         let mut out = vec![0u8; total as usize];
         let mut at = 0usize;
         for s in segs {
-            self.mem
-                .read(s.addr, &mut out[at..at + s.len as usize])
-                .map_err(|e| (FaultKind::Guest, e.to_string()))?;
-            at += s.len as usize;
+            let n = (s.len as usize).min(out.len() - at);
+            if n == 0 {
+                break;
+            }
+            self.mem.read(s.addr, &mut out[at..at + n]).map_err(|e| (FaultKind::Guest, e.to_string()))?;
+            at += n;
         }
         Ok(out)
     }
@@ -540,6 +556,14 @@ impl ShadowQueue {
             translate_segment(regions, *s, write, bufs).map_err(unmapped_msg)?;
         }
         Ok(())
+    }
+
+    fn too_many_bytes(&self, el: &Element) -> (FaultKind, String) {
+        let what = match el.origin {
+            Origin::Guest(h) => format!("chain {h}"),
+            Origin::Injected(_) => "an injected element".into(),
+        };
+        (FaultKind::TooLarge, format!("{what} has {} readable and {} writable bytes; svq copies at most {MAX_COPY_BYTES} per side", el.out_len, el.in_len))
     }
 
     fn too_large(&self, el: &Element, needed: usize) -> (FaultKind, String) {
@@ -578,6 +602,9 @@ impl ShadowQueue {
             return Ok(Sent::Yes);
         }
         // Copy: one descriptor per non-empty direction, counted before anything is taken.
+        if el.out_len > MAX_COPY_BYTES || el.in_len > MAX_COPY_BYTES {
+            return Err(self.too_many_bytes(&el));
+        }
         let needed = (el.out_len > 0) as usize + (el.in_len > 0) as usize;
         if needed > self.shadow.size() as usize {
             return Err(self.too_large(&el, needed));

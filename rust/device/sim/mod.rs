@@ -467,13 +467,15 @@ fn run(shared: &Shared) {
             Err(_) => return,
         }
         drop(fds);
-        if shared.stop.load(Ordering::SeqCst) {
-            return;
-        }
+        // Drain, then look at `stop`: a stop request stores the flag before it signals, so
+        // a signal consumed here is never one whose flag goes unseen.
         shared.wake.drain();
         kicks.iter().for_each(|k| {
             k.drain();
         });
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         st.process();
     }
