@@ -52,3 +52,32 @@ def test_bad_arguments(disk: blk.Blk) -> None:
         disk.write(0, b"short")
     with pytest.raises(ValueError):
         disk.read(0, 0)
+
+
+def test_requests_the_device_cannot_answer(mode: svq.Mode) -> None:
+    with svq.Session("sim:blk,sectors=2048", mode=mode) as s:
+        # No writable byte for the status: completed with nothing written, queue intact.
+        s.driver.submit(0, [blk.header(blk.T_FLUSH)], [])
+        [(_, length, _)] = s.driver.wait(0, 1)
+        assert length == 0
+        # A huge writable area on a FLUSH: only the status byte is written.
+        length, reply = s.driver.request(0, [blk.header(blk.T_FLUSH)], 1 << 20, whole=True)
+        assert length == 1 and reply[-1] == blk.S_OK and not any(reply[:-1])
+        # More than size_max * seg_max in one request: IOERR.
+        with pytest.raises(blk.BlockError):
+            blk.Blk(s.driver).read(0, 257)
+        assert blk.Blk(s.driver).get_id() == b"svq_blk_sim"
+
+
+def test_a_late_completion_does_not_answer_the_next_request() -> None:
+    with svq.Session("sim:blk,sectors=64") as s:
+        disk = blk.Blk(s.driver)
+        disk.write(0, b"A" * blk.SECTOR)
+        disk.write(8, b"B" * blk.SECTOR)
+        s.suspend()
+        with pytest.raises(TimeoutError):
+            disk.timeout = 0.2
+            disk.read(0, 1)
+        s.resume()
+        disk.timeout = 10
+        assert disk.read(8, 1) == b"B" * blk.SECTOR

@@ -66,3 +66,11 @@ def test_info_json(dev: str, cls: str) -> None:
 def test_info_missing_device() -> None:
     r = run("info", "/dev/vhost-vdpa-99")
     assert r.returncode == 1 and "No such file" in r.stderr
+
+
+def test_demo_with_a_small_queue_and_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--packets", "40", "--queue-size", "16"]) == 0
+    assert "40/40 frames" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["demo", "--queue-size", "100"])
+    assert "not a power of two" in capsys.readouterr().err

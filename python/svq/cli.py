@@ -12,14 +12,14 @@ import time
 from typing import Any
 
 from . import bench, blk, net
-from ._native import live_resources
+from ._native import SvqError, live_resources
 from .device import Device
 from .session import CopyStrategy, Mode, Session
 
 DEMO_MAC_AFTER = "02:5a:51:00:00:01"
 
 
-def _loopback(s: Session, packets: int, frame_size: int, batch: int = 64) -> tuple[int, int]:
+def _loopback(s: Session, packets: int, frame_size: int, batch: int) -> tuple[int, int]:
     """Sends ``packets`` frames TX→RX in batches; returns (received, mismatches)."""
     received = mismatches = 0
     payload_len = max(frame_size - net.NET_HDR_LEN - 14, 8)
@@ -57,7 +57,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
             dev, mode=mode, queue_modes={net.CTRL: Mode.COPY}, copy_strategy=args.cvq_strategy, queue_size=args.queue_size
         ) as s:
             mac_before = s.device.info()["config"]["mac"]
-            received, mismatches = _loopback(s, args.packets, args.frame_size)
+            received, mismatches = _loopback(s, args.packets, args.frame_size, min(64, args.queue_size))
             ack = _set_mac(s, DEMO_MAC_AFTER)
             mac_after = s.device.info()["config"]["mac"]
             tx = s.stats(net.TX)
@@ -137,6 +137,13 @@ def _print_info(i: dict[str, Any]) -> None:
     print(f"  config          : {', '.join(f'{k}={v}' for k, v in i['config'].items())}")
 
 
+def _queue_size(text: str) -> int:
+    n = int(text)
+    if not 1 <= n <= 32768 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"{text} is not a power of two in 1..32768")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="svq", description="Shadow virtqueues for vhost-vdpa devices.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what svq does")
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.TRANSLATE.value)
     d.add_argument("--packets", type=int, default=1000, help="frames to loop back (default 1000)")
     d.add_argument("--frame-size", type=int, default=256, help="bytes per TX buffer incl. headers (default 256)")
-    d.add_argument("--queue-size", type=int, default=256)
+    d.add_argument("--queue-size", type=_queue_size, default=256, help="a power of two, 1..32768 (default 256)")
     d.add_argument("--cvq-strategy", choices=[c.value for c in CopyStrategy], default=CopyStrategy.POOL.value,
                    help="bounce buffers of the copy-mode control queue (default pool)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
@@ -178,6 +185,6 @@ def main(argv: list[str] | None = None) -> int:
         r = info(args)
         print(json.dumps(r)) if args.json else _print_info(r)
         return 0
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SvqError) as e:
         print(f"svq {args.command}: {e}", file=sys.stderr)
         return 1

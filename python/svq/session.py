@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -74,10 +75,16 @@ class Driver:
     def request(
         self, queue: int, out: Sequence[bytes], in_size: int, timeout: float = 10.0, whole: bool = False
     ) -> tuple[int, bytes]:
-        """One request/response chain: returns (used length, bytes read back)."""
-        self.submit(queue, out, [in_size])
-        [(_, length, data)] = self.wait(queue, 1, timeout, whole)
-        return length, data
+        """One request/response chain: returns (used length, bytes read back). Completions
+        of other chains that arrive first (requests abandoned after a timeout) are
+        discarded."""
+        head = self.submit(queue, out, [in_size])
+        deadline = time.monotonic() + timeout
+        while True:
+            [(done, length, data)] = self.wait(queue, 1, max(deadline - time.monotonic(), 0.0), whole)
+            if done == head:
+                return length, data
+            log.debug("queue %d: discarding the completion of abandoned chain %d", queue, done)
 
     def in_flight(self, queue: int) -> int:
         return self._s.in_flight(queue)
@@ -130,10 +137,12 @@ class Session:
         restore: Mapping[str, Any] | None = None,
         restore_timeout: float = 10.0,
     ) -> None:
-        self._owns_device = isinstance(device, str)
-        self.device = Device(device) if isinstance(device, str) else device
+        # Arguments first: nothing is opened for a call that cannot succeed.
         self.mode = Mode(mode)
         self.copy_strategy = CopyStrategy(copy_strategy)
+        modes = [(q, Mode(m).value) for q, m in (queue_modes or {}).items()]
+        self._owns_device = isinstance(device, str)
+        self.device = Device(device) if isinstance(device, str) else device
         try:
             self._s = _native.Session(
                 self.device._native,
@@ -142,7 +151,7 @@ class Session:
                 memory=list(memory),
                 event_idx=event_idx,
                 indirect=indirect,
-                queue_modes=[(q, Mode(m).value) for q, m in (queue_modes or {}).items()],
+                queue_modes=modes,
                 copy_strategy=self.copy_strategy.value,
                 isolate_cvq=isolate_cvq,
                 track_net_state=track_net_state,
@@ -207,7 +216,9 @@ class Session:
         """Attaches policy to a shadowed low-rate queue (such as the control queue):
         ``avail(out, in_size)`` returns None to forward the guest's element, bytes to
         answer it without the device, or False to refuse it (used length 0);
-        ``used(out, written)`` sees each completion. Hooks run on svq's engine thread."""
+        ``used(out, written)`` sees each completion. Hooks run on svq's engine thread, so
+        a hook must not wait on this session (e.g. call :meth:`inject`): the thread that
+        would complete the wait is the one running the hook."""
         self._s.add_hook(queue, avail, used)
 
     def map_counts(self) -> tuple[int, int]:

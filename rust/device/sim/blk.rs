@@ -21,6 +21,8 @@ pub(super) const FEATURES: u64 =
 const SECTOR: u64 = 512;
 const SIZE_MAX: u32 = 4096;
 const SEG_MAX: u32 = 32;
+/// The most data one request moves: size_max * seg_max.
+const MAX_REQUEST: u64 = SIZE_MAX as u64 * SEG_MAX as u64;
 const REQ_IN: u32 = 0;
 const REQ_OUT: u32 = 1;
 const REQ_FLUSH: u32 = 4;
@@ -53,16 +55,23 @@ pub(super) fn process(st: &mut SimState) {
                 return Ok(false);
             }
             stats.blk_requests += 1;
-            view.gather(&chain.out, usize::MAX, buf).map_err(|e| e.to_string())?;
-            // The last writable byte is the status; everything before it is data.
-            let data_in = chain.in_len.saturating_sub(1);
-            let (status, data) = if buf.len() < 16 || chain.in_len == 0 {
+            if chain.in_len == 0 {
+                // Nowhere to put a status: complete with nothing written.
+                r.push_used(chain.head, 0);
+                return Ok(true);
+            }
+            // The last writable byte is the status; everything before it is data. No
+            // request moves more than size_max * seg_max bytes (as the kernel simulator).
+            let data_in = chain.in_len - 1;
+            let (status, data) = if chain.out_len < 16 || chain.out_len > 16 + MAX_REQUEST {
                 (S_IOERR, Vec::new())
             } else {
+                view.gather(&chain.out, chain.out_len as usize, buf).map_err(|e| e.to_string())?;
                 let kind = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
                 let sector = u64::from_le_bytes(buf[8..16].try_into().unwrap_or_default());
                 let in_range = |bytes: u64| {
                     bytes % SECTOR == 0
+                        && bytes <= MAX_REQUEST
                         && sector.checked_add(bytes / SECTOR).is_some_and(|end| end <= capacity)
                 };
                 match kind {
@@ -77,18 +86,15 @@ pub(super) fn process(st: &mut SimState) {
                     }
                     REQ_IN | REQ_OUT => (S_IOERR, Vec::new()),
                     REQ_FLUSH => (S_OK, Vec::new()),
-                    REQ_GET_ID => (S_OK, BLK_ID[..(data_in as usize).min(BLK_ID.len())].to_vec()),
+                    REQ_GET_ID => (S_OK, BLK_ID[..(data_in.min(BLK_ID.len() as u64)) as usize].to_vec()),
                     _ => (S_UNSUPP, Vec::new()),
                 }
             };
-            // Data first, then the status byte at the very end of the writable area.
-            let mut reply = data;
-            reply.resize(data_in as usize, 0);
-            let written_data = if status == S_OK { reply.len() } else { 0 };
-            reply.push(status);
-            let wrote = view.scatter(&chain.inn, &reply).map_err(|e| e.to_string())?;
-            debug_assert_eq!(wrote, reply.len());
-            r.push_used(chain.head, (written_data + 1) as u32);
+            // The data the request returns, then the status byte at the very end of the
+            // writable area; nothing else is touched.
+            let written = view.scatter(&chain.inn, &data).map_err(|e| e.to_string())?;
+            view.scatter_at(&chain.inn, data_in, &[status]).map_err(|e| e.to_string())?;
+            r.push_used(chain.head, (written + 1) as u32);
             Ok(true)
         });
         if done != Some(true) {

@@ -53,17 +53,28 @@ impl DeviceView<'_> {
 
     /// Copies `data` into the device-writable `segs`; returns bytes written.
     pub fn scatter(&self, segs: &[Segment], data: &[u8]) -> Result<usize, Fault> {
+        self.scatter_at(segs, 0, data)
+    }
+
+    /// Copies `data` into the device-writable `segs` from byte `offset` of them; returns
+    /// bytes written.
+    pub fn scatter_at(&self, segs: &[Segment], mut offset: u64, data: &[u8]) -> Result<usize, Fault> {
         let mut done = 0usize;
         for s in segs {
-            let want = (s.len as usize).min(data.len() - done);
+            if offset >= s.len as u64 {
+                offset -= s.len as u64;
+                continue;
+            }
+            let want = ((s.len as u64 - offset) as usize).min(data.len() - done);
             if want == 0 {
                 break;
             }
-            self.space.translate(self.asid, s.addr, want as u64, true, |h, n| {
+            self.space.translate(self.asid, s.addr + offset, want as u64, true, |h, n| {
                 // SAFETY: the IOTLB gave `h` as valid for n writable bytes.
                 unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(done), h as *mut u8, n as usize) };
                 done += n as usize;
             })?;
+            offset = 0;
         }
         Ok(done)
     }

@@ -528,15 +528,20 @@ impl Device for VhostVdpa {
                 IotlbOp::Invalidate { iova, size } => after.invalidate(iova, size),
             }
         }
-        let written = self.write_ops(asid, ops);
+        let mut applied = 0;
+        let written = self.write_ops(asid, ops, &mut applied);
         if written.is_ok() {
             mirror[asid as usize] = after;
         } else {
-            // The kernel applies messages one by one; after a refusal nothing more is
-            // sent, so only mappings that are certainly gone are dropped from the mirror.
-            for op in ops {
-                if let IotlbOp::Invalidate { iova, size } = *op {
-                    mirror[asid as usize].invalidate(iova, size);
+            // The kernel applies messages one by one and nothing is sent after a refusal:
+            // the mirror takes exactly the messages the kernel accepted.
+            for op in &ops[..applied] {
+                let space = &mut mirror[asid as usize];
+                match *op {
+                    IotlbOp::Update { iova, size, uaddr, perm } => {
+                        let _ = space.update(iova, size, uaddr, perm);
+                    }
+                    IotlbOp::Invalidate { iova, size } => space.invalidate(iova, size),
                 }
             }
         }
@@ -549,8 +554,9 @@ impl Device for VhostVdpa {
 }
 
 impl VhostVdpa {
-    /// Writes `ops` as `vhost_msg_v2` messages, in one batch when IOTLB_BATCH is acked.
-    fn write_ops(&self, asid: u32, ops: &[IotlbOp]) -> DeviceResult<()> {
+    /// Writes `ops` as `vhost_msg_v2` messages, in one batch when IOTLB_BATCH is acked;
+    /// `applied` counts the messages the kernel accepted.
+    fn write_ops(&self, asid: u32, ops: &[IotlbOp], applied: &mut usize) -> DeviceResult<()> {
         let has_asid = self.acked(backend_feature::IOTLB_ASID);
         // Without IOTLB_ASID the kernel ignores the field; write 0 as the uapi asks.
         let wire_asid = if has_asid { asid } else { 0 };
@@ -603,6 +609,7 @@ impl VhostVdpa {
                 result = Err(e);
                 break;
             }
+            *applied += 1;
         }
         if batch {
             // Always close the batch, even after a refused message, so the device is not
