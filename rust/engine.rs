@@ -134,69 +134,94 @@ struct Worker {
 }
 
 impl Worker {
+    /// Runs until told to stop, then hands the queues back. A panic while handling an
+    /// event (a bug in svq or in a hook) breaks every queue with an internal fault and
+    /// ends the loop, still handing the queues back so that closing returns every
+    /// element and releases every buffer.
     fn run(self, mut queues: Vec<ShadowQueue>) -> Vec<ShadowQueue> {
         let mut events = [EpollEvent::empty(); 16];
-        // Guest kicks that arrived before the engine started are not lost: look once.
-        queues.iter_mut().for_each(|q| q.forward());
-        loop {
-            let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
-                Ok(n) => n,
-                Err(Errno::EINTR) => continue,
-                Err(_) => return queues,
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    STOP => {
-                        self.stop.drain();
-                        return queues;
-                    }
-                    CONFIG => {
-                        self.config_call.drain();
-                        if self.device.status().is_ok_and(|s| s & status::NEEDS_RESET != 0) {
-                            for (h, wake) in &self.all_health {
-                                h.set(FaultKind::DeviceNeedsReset, "device entered NEEDS_RESET".into());
-                                wake.signal();
-                            }
-                            // Injected elements waiting on a dead device fail now.
-                            queues.iter_mut().for_each(|q| q.fail(FaultKind::DeviceNeedsReset, "device entered NEEDS_RESET".into()));
-                        }
-                    }
-                    INBOX => {
-                        self.wake.drain();
-                        let reqs = std::mem::take(&mut *self.inbox.requests.lock().unwrap_or_else(|p| p.into_inner()));
-                        let mut touched = Vec::new();
-                        for r in reqs {
-                            let (queue, r) = match r {
-                                Request::Inject { queue, .. } | Request::Hook { queue, .. } => (queue, r),
-                            };
-                            let Some(q) = queues.iter_mut().find(|q| q.index == queue) else { continue };
-                            match r {
-                                Request::Inject { out, in_len, slot, .. } => q.inject(out, in_len, slot),
-                                Request::Hook { hook, done, .. } => {
-                                    q.add_hook(hook);
-                                    done.complete(Ok((0, Vec::new())));
-                                }
-                            }
-                            touched.push(queue);
-                        }
-                        touched.sort_unstable();
-                        touched.dedup();
-                        queues.iter_mut().filter(|q| touched.contains(&q.index)).for_each(|q| q.forward());
-                    }
-                    token => {
-                        let q = &mut queues[(token >> 1) as usize];
-                        if token & 1 == 0 {
-                            let kicks = q.fds.guest_kick.drain();
-                            q.stats().guest_kicks.fetch_add(kicks, std::sync::atomic::Ordering::Relaxed);
-                            q.forward();
-                        } else {
-                            let calls = q.fds.device_call.drain();
-                            q.stats().device_calls.fetch_add(calls, std::sync::atomic::Ordering::Relaxed);
-                            q.reap();
-                        }
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // Guest kicks that arrived before the engine started are not lost: look once.
+            queues.iter_mut().for_each(|q| q.forward());
+            loop {
+                let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+                    Ok(n) => n,
+                    Err(Errno::EINTR) => continue,
+                    Err(_) => return,
+                };
+                for ev in &events[..n] {
+                    if !self.handle(ev.data(), &mut queues) {
+                        return;
                     }
                 }
             }
+        }));
+        if let Err(panic) = outcome {
+            let why = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            for q in &mut queues {
+                q.fail(FaultKind::Internal, format!("svq internal error: {why}"));
+            }
         }
+        queues
+    }
+
+    /// Handles one event; false when the engine must stop.
+    fn handle(&self, token: u64, queues: &mut [ShadowQueue]) -> bool {
+        match token {
+            STOP => {
+                self.stop.drain();
+                return false;
+            }
+            CONFIG => {
+                self.config_call.drain();
+                if self.device.status().is_ok_and(|s| s & status::NEEDS_RESET != 0) {
+                    for (h, wake) in &self.all_health {
+                        h.set(FaultKind::DeviceNeedsReset, "device entered NEEDS_RESET".into());
+                        wake.signal();
+                    }
+                    // Injected elements waiting on a dead device fail now.
+                    queues.iter_mut().for_each(|q| q.fail(FaultKind::DeviceNeedsReset, "device entered NEEDS_RESET".into()));
+                }
+            }
+            INBOX => {
+                self.wake.drain();
+                let reqs = std::mem::take(&mut *self.inbox.requests.lock().unwrap_or_else(|p| p.into_inner()));
+                let mut touched = Vec::new();
+                for r in reqs {
+                    let (queue, r) = match r {
+                        Request::Inject { queue, .. } | Request::Hook { queue, .. } => (queue, r),
+                    };
+                    let Some(q) = queues.iter_mut().find(|q| q.index == queue) else { continue };
+                    match r {
+                        Request::Inject { out, in_len, slot, .. } => q.inject(out, in_len, slot),
+                        Request::Hook { hook, done, .. } => {
+                            q.add_hook(hook);
+                            done.complete(Ok((0, Vec::new())));
+                        }
+                    }
+                    touched.push(queue);
+                }
+                touched.sort_unstable();
+                touched.dedup();
+                queues.iter_mut().filter(|q| touched.contains(&q.index)).for_each(|q| q.forward());
+            }
+            token => {
+                let q = &mut queues[(token >> 1) as usize];
+                if token & 1 == 0 {
+                    let kicks = q.fds.guest_kick.drain();
+                    q.stats().guest_kicks.fetch_add(kicks, std::sync::atomic::Ordering::Relaxed);
+                    q.forward();
+                } else {
+                    let calls = q.fds.device_call.drain();
+                    q.stats().device_calls.fetch_add(calls, std::sync::atomic::Ordering::Relaxed);
+                    q.reap();
+                }
+            }
+        }
+        true
     }
 }

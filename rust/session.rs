@@ -754,4 +754,34 @@ mod tests {
     fn copy_loopback() {
         loopback(Mode::Copy);
     }
+
+    struct Panics;
+    impl QueueHook for Panics {
+        fn avail(&mut self, _out: &[u8], _in_len: u32) -> crate::shadow::Verdict {
+            panic!("a hook that panics")
+        }
+        fn used(&mut self, _out: &[u8], _written: &[u8]) {}
+    }
+
+    #[test]
+    fn a_panic_on_the_engine_thread_breaks_the_queues_and_close_still_cleans_up() {
+        let dev: Arc<dyn Device> = Arc::new(SimDevice::net(MAC, 1500).unwrap());
+        let mut s = Session::start(dev.clone(), &SessionConfig::default()).unwrap();
+        let done = s.add_hook(2, Box::new(Panics)).unwrap();
+        Session::wait_injected(2, &done, Duration::from_secs(5)).unwrap();
+        let d = s.driver().unwrap();
+        d.add(2, &[&[1, 1, 2, 0, 0, 0, 0, 1]], &[1]).unwrap();
+        d.kick(2).unwrap();
+        match d.wait(2, 1, false, Duration::from_secs(5)) {
+            Err(DriverError::Broken(f)) => {
+                assert_eq!(f.kind, crate::shadow::FaultKind::Internal);
+                assert!(f.message.contains("a hook that panics"), "{}", f.message);
+            }
+            other => panic!("expected an internal fault, got {other:?}"),
+        }
+        // Every queue is broken, and closing releases everything.
+        assert!(matches!(d.wait(0, 1, false, Duration::from_secs(1)), Err(DriverError::Broken(_))));
+        s.close().unwrap();
+        assert_eq!(dev.live_mappings(), Some(0));
+    }
 }

@@ -68,6 +68,7 @@ pub(super) fn driver_err(e: DriverError) -> PyErr {
             FaultKind::DeviceProtocol => DeviceProtocolError::new_err(f.message),
             FaultKind::DeviceNeedsReset => DeviceNeedsResetError::new_err(f.message),
             FaultKind::TooLarge => ElementTooLargeError::new_err(f.message),
+            FaultKind::Internal => QueueBrokenError::new_err(f.message),
         },
         e @ DriverError::Used { .. } => DeviceProtocolError::new_err(e.to_string()),
         e @ DriverError::Timeout { .. } => PyTimeoutError::new_err(e.to_string()),

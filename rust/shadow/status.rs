@@ -13,8 +13,10 @@ pub enum FaultKind {
     DeviceProtocol,
     /// The device entered NEEDS_RESET (e.g. its IOTLB refused an access).
     DeviceNeedsReset,
-    /// An element can never fit the shadow ring.
+    /// An element can never fit the shadow ring, or is too large to copy.
     TooLarge,
+    /// svq itself failed (a panic on the engine thread, e.g. in a hook).
+    Internal,
 }
 
 /// Why a queue stopped.
