@@ -38,17 +38,16 @@ def test_loopback_batch(benchmark, session: svq.Session, segments: int, size: in
     benchmark(round_trip, session, frames, segments)
 
 
-@pytest.mark.parametrize("segments,size", CASES, ids=[f"{s}seg-{b}B" for s, b in CASES])
-@pytest.mark.benchmark(group="forwarding-inprocess")
-def test_inprocess_svq(benchmark, segments: int, size: int) -> None:  # type: ignore[no-untyped-def]
-    r = benchmark(_native.bench_forward, segments, size, 3200)
-    benchmark.extra_info.update(r)
-    assert r["checksum"] == bench.expected_forward_checksum(segments, size, r["elements"])
+IN_PROCESS = {"svq": (_native.bench_forward, 3200), "pure-python": (bench.py_forward, 320)}
 
 
+@pytest.mark.parametrize("peer", list(IN_PROCESS))
 @pytest.mark.parametrize("segments,size", CASES, ids=[f"{s}seg-{b}B" for s, b in CASES])
 @pytest.mark.benchmark(group="forwarding-inprocess")
-def test_inprocess_pure_python(benchmark, segments: int, size: int) -> None:  # type: ignore[no-untyped-def]
-    r = benchmark(bench.py_forward, segments, size, 320)
+def test_inprocess(benchmark, peer: str, segments: int, size: int) -> None:  # type: ignore[no-untyped-def]
+    """svq's shadow virtqueue and the pure-Python one over the same rings: both forward
+    the same chains (the same checksum of forwarded addresses and lengths)."""
+    forward, elements = IN_PROCESS[peer]
+    r = benchmark(forward, segments, size, elements)
     benchmark.extra_info.update(r)
     assert r["checksum"] == bench.expected_forward_checksum(segments, size, r["elements"])

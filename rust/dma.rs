@@ -149,9 +149,4 @@ impl Dma {
         let i = self.inner();
         (i.maps, i.unmaps)
     }
-
-    /// The device.
-    pub fn device(&self) -> &Arc<dyn Device> {
-        &self.device
-    }
 }

@@ -205,16 +205,7 @@ impl Driver {
             let queue = self.queue(q)?;
             Ok(queue.writer.add(&posted.bufs)?)
         });
-        match res {
-            Ok(head) => {
-                self.queues[q as usize].posted[head as usize] = Some(posted);
-                Ok(head)
-            }
-            Err(e) => {
-                self.free(&posted);
-                Err(e)
-            }
-        }
+        self.settle(q, posted, res)
     }
 
     /// Like [`Driver::add`], but the chain goes in an indirect table in guest memory and
@@ -242,6 +233,11 @@ impl Driver {
             let queue = self.queue(q)?;
             Ok(queue.writer.add_indirect(table, n as u32, writable.min(u32::MAX as u64) as u32)?)
         });
+        self.settle(q, posted, res)
+    }
+
+    /// Keeps a posted chain's buffers with its head, or frees them when posting failed.
+    fn settle(&mut self, q: u32, posted: Posted, res: Result<u16, DriverError>) -> Result<u16, DriverError> {
         match res {
             Ok(head) => {
                 self.queues[q as usize].posted[head as usize] = Some(posted);

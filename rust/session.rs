@@ -525,11 +525,6 @@ impl Session {
         }))
     }
 
-    /// The device.
-    pub fn device(&self) -> &Arc<dyn Device> {
-        &self.device
-    }
-
     /// Each queue's mode.
     pub fn modes(&self) -> &[Mode] {
         &self.modes

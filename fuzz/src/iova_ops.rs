@@ -146,6 +146,11 @@ pub fn run(data: &[u8]) {
     };
     let (uf, ul) = a.range();
     let mut live: Vec<Mapping> = Vec::new();
+    // What a mapping maps: size, host address, guest address (sometimes), permission.
+    let target = |inp: &mut Input, uf, ul| {
+        let (sz, host, guest, p) = (size(inp), addr(inp, uf, ul), inp.bool(), perm(inp));
+        (sz, host, guest.then(|| addr(inp, uf, ul)), p)
+    };
 
     for _ in 0..256 {
         if inp.is_empty() {
@@ -153,13 +158,7 @@ pub fn run(data: &[u8]) {
         }
         match inp.u8() % 8 {
             0 | 1 => {
-                let (sz, host, guest, p) = (
-                    size(&mut inp),
-                    addr(&mut inp, uf, ul),
-                    inp.bool(),
-                    perm(&mut inp),
-                );
-                let guest = guest.then(|| addr(&mut inp, uf, ul));
+                let (sz, host, guest, p) = target(&mut inp, uf, ul);
                 let r = a.alloc(sz, host, guest, p);
                 trace!("alloc({sz:#x}, {host:#x}, {guest:x?}): {r:x?}");
                 let rounded = round_pages(sz);
@@ -207,13 +206,7 @@ pub fn run(data: &[u8]) {
                     1 => ul.wrapping_sub(inp.u8() as u64 * P).wrapping_add(1),
                     _ => addr(&mut inp, uf, ul),
                 };
-                let (sz, host, guest, p) = (
-                    size(&mut inp),
-                    addr(&mut inp, uf, ul),
-                    inp.bool(),
-                    perm(&mut inp),
-                );
-                let guest = guest.then(|| addr(&mut inp, uf, ul));
+                let (sz, host, guest, p) = target(&mut inp, uf, ul);
                 let r = a.insert(iova, sz, host, guest, p);
                 trace!("insert({iova:#x}, {sz:#x}, {host:#x}, {guest:x?}): {r:x?}");
                 // The rules in the order the API documents them.

@@ -189,6 +189,10 @@ fn timeout(t: f64) -> PyResult<Duration> {
 
 type CompletionTuple = (u16, u32, Py<PyBytes>);
 
+fn tuples(py: Python<'_>, done: Vec<crate::driver::Completion>) -> Vec<CompletionTuple> {
+    done.into_iter().map(|c| (c.head, c.len, PyBytes::new(py, &c.data).unbind())).collect()
+}
+
 #[pymethods]
 impl Session {
     /// Starts a session. `mode` ("translate", "copy" or "passthrough") applies to every
@@ -380,13 +384,12 @@ impl Session {
             if now >= deadline {
                 // What did complete is not lost: it rides on the exception.
                 let e = driver_err(DriverError::Timeout { queue: q, got: done.len(), want: count, waited: t });
-                let got: Vec<CompletionTuple> = done.into_iter().map(|c| (c.head, c.len, PyBytes::new(py, &c.data).unbind())).collect();
-                e.value(py).setattr("completions", got)?;
+                e.value(py).setattr("completions", tuples(py, done))?;
                 return Err(e);
             }
             py.detach(|| call.wait(deadline - now));
         }
-        Ok(done.into_iter().map(|c| (c.head, c.len, PyBytes::new(py, &c.data).unbind())).collect())
+        Ok(tuples(py, done))
     }
 
     /// Chains the guest has in flight on queue `q`.

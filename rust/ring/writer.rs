@@ -291,9 +291,4 @@ impl RingWriter {
             self.ring.set_avail_flags(VRING_AVAIL_F_NO_INTERRUPT);
         }
     }
-
-    /// Whether used entries are waiting.
-    pub fn has_used(&self) -> bool {
-        self.ring.used_idx() != self.last_used
-    }
 }

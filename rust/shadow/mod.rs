@@ -86,6 +86,16 @@ enum Origin {
     Injected(Arc<InjectSlot>),
 }
 
+impl Origin {
+    /// The element, as errors name it.
+    fn describe(&self) -> String {
+        match self {
+            Origin::Guest(h) => format!("chain {h}"),
+            Origin::Injected(_) => "an injected element".into(),
+        }
+    }
+}
+
 /// An element on its way to the shadow ring.
 #[derive(Debug)]
 struct Element {
@@ -109,28 +119,18 @@ struct InFlight {
 }
 
 /// What a shadow head in flight stands for. A translated guest element with nothing else
-/// to remember (the common case) is just the guest's head; only elements with bounce
-/// buffers, private bytes or an injector's slot carry a boxed [`InFlight`].
-#[derive(Debug, Default)]
+/// to remember (the common case) is just the guest's head; elements with bounce buffers,
+/// private bytes or an injector's slot keep an [`InFlight`] in the queue's side table at
+/// the same index, allocated once with the ring.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum Slot {
     /// No element.
     #[default]
     Free,
     /// A guest element to complete with the device's length.
     Guest(u16),
-    /// Everything else.
-    Rich(Box<InFlight>),
-}
-
-impl Slot {
-    fn of(f: InFlight) -> Slot {
-        match f {
-            InFlight { origin: Origin::Guest(head), out_buf: None, in_buf: None, out_bytes: None, ref guest_in } if guest_in.is_empty() => {
-                Slot::Guest(head)
-            }
-            f => Slot::Rich(Box::new(f)),
-        }
-    }
+    /// Everything else: see `ShadowQueue::rich`.
+    Rich,
 }
 
 /// Translates guest segments straight into shadow buffers while the reader validates
@@ -196,6 +196,8 @@ pub struct ShadowQueue {
     mem: Arc<GuestMemory>,
     regions: Vec<RegionIova>,
     in_flight: Vec<Slot>,
+    /// The [`InFlight`] of each head whose slot is [`Slot::Rich`].
+    rich: Vec<Option<InFlight>>,
     held: Option<Element>,
     injected: VecDeque<Element>,
     bounce_space: Option<BounceSpace>,
@@ -259,7 +261,8 @@ impl ShadowQueue {
             shadow: p.shadow,
             mem: p.mem,
             regions: p.regions,
-            in_flight: (0..size).map(|_| Slot::Free).collect(),
+            in_flight: vec![Slot::Free; size],
+            rich: (0..size).map(|_| None).collect(),
             held: None,
             injected: VecDeque::new(),
             bounce_space: p.bounce_space,
@@ -289,11 +292,6 @@ impl ShadowQueue {
         self.health.is_broken()
     }
 
-    /// Elements forwarded and not completed yet.
-    pub fn in_flight(&self) -> usize {
-        self.shadow.in_flight()
-    }
-
     /// Marks the queue broken and wakes the guest so that a waiter sees it.
     pub fn fail(&mut self, kind: FaultKind, message: String) {
         bump(&self.stats.errors, 1);
@@ -301,10 +299,7 @@ impl ShadowQueue {
         // Whoever waits for an injected element learns it now rather than at a timeout;
         // the element's buffers stay until the queue stops (the device may still use them).
         let message = self.health.fault().map_or(message, |f| f.message);
-        let in_flight = self.in_flight.iter().filter_map(|s| match s {
-            Slot::Rich(f) => Some(&f.origin),
-            _ => None,
-        });
+        let in_flight = self.rich.iter().flatten().map(|f| &f.origin);
         let waiting = in_flight.chain(self.injected.iter().map(|e| &e.origin));
         for origin in waiting {
             if let Origin::Injected(slot) = origin {
@@ -419,7 +414,7 @@ impl ShadowQueue {
                 break Err(unmapped_msg(addr));
             }
             if self.bufs.len() > size {
-                break Err(self.too_large_guest(head, self.bufs.len()));
+                break Err(self.too_large(Origin::Guest(head).describe(), self.bufs.len()));
             }
             match self.shadow.add(&self.bufs) {
                 Ok(shead) => {
@@ -559,26 +554,12 @@ impl ShadowQueue {
     }
 
     fn too_many_bytes(&self, el: &Element) -> (FaultKind, String) {
-        let what = match el.origin {
-            Origin::Guest(h) => format!("chain {h}"),
-            Origin::Injected(_) => "an injected element".into(),
-        };
+        let what = el.origin.describe();
         (FaultKind::TooLarge, format!("{what} has {} readable and {} writable bytes; svq copies at most {MAX_COPY_BYTES} per side", el.out_len, el.in_len))
     }
 
-    fn too_large(&self, el: &Element, needed: usize) -> (FaultKind, String) {
-        match el.origin {
-            Origin::Guest(h) => self.too_large_guest(h, needed),
-            Origin::Injected(_) => self.too_large_what("an injected element", needed),
-        }
-    }
-
     #[cold]
-    fn too_large_guest(&self, head: u16, needed: usize) -> (FaultKind, String) {
-        self.too_large_what(&format!("chain {head}"), needed)
-    }
-
-    fn too_large_what(&self, what: &str, needed: usize) -> (FaultKind, String) {
+    fn too_large(&self, what: String, needed: usize) -> (FaultKind, String) {
         (FaultKind::TooLarge, format!("{what} needs {needed} shadow descriptors; the shadow ring has {}", self.shadow.size()))
     }
 
@@ -589,16 +570,17 @@ impl ShadowQueue {
             Self::translate(&self.regions, &el.chain.out, false, &mut self.bufs)?;
             Self::translate(&self.regions, &el.chain.inn, true, &mut self.bufs)?;
             if self.bufs.len() > self.shadow.size() as usize {
-                return Err(self.too_large(&el, self.bufs.len()));
+                return Err(self.too_large(el.origin.describe(), self.bufs.len()));
             }
             let added = self.shadow.add(&self.bufs);
             let Ok(head) = added else { return Ok(Sent::Full(el)) };
+            let out_len = el.out_len;
             let Element { origin, mut chain, out_bytes, .. } = el;
             let guest_in = if self.hooks.is_empty() { Vec::new() } else { std::mem::take(&mut chain.inn) };
             self.chain = chain;
-            self.in_flight[head as usize] = Slot::of(InFlight { origin, out_buf: None, in_buf: None, guest_in, out_bytes });
+            self.track(head, InFlight { origin, out_buf: None, in_buf: None, guest_in, out_bytes });
             bump(&self.stats.elements, 1);
-            bump(&self.stats.bytes_out, el.out_len);
+            bump(&self.stats.bytes_out, out_len);
             return Ok(Sent::Yes);
         }
         // Copy: one descriptor per non-empty direction, counted before anything is taken.
@@ -607,7 +589,7 @@ impl ShadowQueue {
         }
         let needed = (el.out_len > 0) as usize + (el.in_len > 0) as usize;
         if needed > self.shadow.size() as usize {
-            return Err(self.too_large(&el, needed));
+            return Err(self.too_large(el.origin.describe(), needed));
         }
         if needed > self.shadow.num_free() as usize {
             return Ok(Sent::Full(el));
@@ -630,23 +612,46 @@ impl ShadowQueue {
         let added = self.shadow.add(&self.bufs);
         // Room was checked above, so the add cannot fail.
         let Ok(head) = added else { return Err((FaultKind::TooLarge, "shadow ring accounting".into())) };
-        self.in_flight[head as usize] =
-            Slot::of(InFlight { origin: el.origin, out_buf, in_buf, guest_in: el.chain.inn, out_bytes: el.out_bytes });
+        let out_len = el.out_len;
+        // The chain's readable list goes back to be reused; its writable list travels with
+        // the element (the copy-back target) and comes back at completion.
+        let Element { origin, mut chain, out_bytes, .. } = el;
+        let guest_in = std::mem::take(&mut chain.inn);
+        if self.chain.out.capacity() == 0 {
+            self.chain = chain;
+        }
+        self.track(head, InFlight { origin, out_buf, in_buf, guest_in, out_bytes });
         bump(&self.stats.elements, 1);
-        bump(&self.stats.bytes_out, el.out_len);
+        bump(&self.stats.bytes_out, out_len);
         Ok(Sent::Yes)
     }
 
-    fn pool(&mut self) -> Result<&mut BouncePool, String> {
-        if self.bounce.is_none() {
-            let s = self.bounce_space.as_ref().ok_or_else(|| format!("queue {} has no bounce buffer space", self.index))?;
-            let strategy = match self.forwarding {
-                Forwarding::Copy(st) => st,
-                Forwarding::Translate => s.strategy,
-            };
-            self.bounce = Some(BouncePool::new(s.dma.clone(), s.asid, strategy, 1).map_err(|e| e.to_string())?);
+    /// Records what shadow head `head` stands for.
+    fn track(&mut self, head: u16, f: InFlight) {
+        let i = head as usize;
+        match f {
+            InFlight { origin: Origin::Guest(g), out_buf: None, in_buf: None, out_bytes: None, ref guest_in } if guest_in.is_empty() => {
+                self.in_flight[i] = Slot::Guest(g);
+            }
+            f => {
+                self.in_flight[i] = Slot::Rich;
+                self.rich[i] = Some(f);
+            }
         }
-        self.bounce.as_mut().ok_or_else(|| "no bounce pool".to_string())
+    }
+
+    /// Takes back what shadow head `head` stood for.
+    fn untrack(&mut self, head: u16) -> Option<Result<u16, InFlight>> {
+        let i = head as usize;
+        match std::mem::take(self.in_flight.get_mut(i)?) {
+            Slot::Free => None,
+            Slot::Guest(g) => Some(Ok(g)),
+            Slot::Rich => self.rich[i].take().map(Err),
+        }
+    }
+
+    fn pool(&mut self) -> Result<&mut BouncePool, String> {
+        pool_of(&mut self.bounce, self.bounce_space.as_ref(), self.forwarding, self.index)
     }
 
     /// The element's bounce buffers, filled: readable bytes copied now (so a later change
@@ -655,12 +660,13 @@ impl ShadowQueue {
     fn take_buffers(&mut self, el: &Element) -> Result<(Option<BounceBuf>, Option<BounceBuf>), String> {
         let mut out_buf = None;
         if el.out_len > 0 {
-            let mem = self.mem.clone();
-            let pool = self.pool()?;
+            // Disjoint fields: the pool is filled straight from guest memory.
+            let pool = pool_of(&mut self.bounce, self.bounce_space.as_ref(), self.forwarding, self.index)?;
+            let mem = &*self.mem;
             let b = match &el.out_bytes {
                 Some(bytes) => pool.alloc_with(bytes).map_err(|e| e.to_string())?,
                 None => pool
-                    .alloc_filled(el.out_len as usize, |b| fill_from_guest(&mem, b, &el.chain.out))
+                    .alloc_filled(el.out_len as usize, |b| fill_from_guest(mem, b, &el.chain.out))
                     .map_err(|e| e.map_or_else(|fill| fill, |pool| pool.to_string()))?,
             };
             out_buf = Some(b);
@@ -721,21 +727,20 @@ impl ShadowQueue {
                 Err(e) => break Err((FaultKind::DeviceProtocol, e.to_string())),
             };
             // The writer only returns heads it has in flight (all below the ring size).
-            let slot = self.in_flight.get_mut(head as usize).map(std::mem::take).unwrap_or_default();
-            match slot {
-                Slot::Guest(guest_head) => {
+            match self.untrack(head) {
+                Some(Ok(guest_head)) => {
                     bytes_in += len as u64;
                     self.guest.push_used(guest_head, len);
                     completed += 1;
                     self.pushed = true;
                 }
-                Slot::Rich(f) => {
+                Some(Err(f)) => {
                     bytes_in += len as u64;
-                    if let Err(e) = self.complete(*f, len) {
+                    if let Err(e) = self.complete(f, len) {
                         break Err(e);
                     }
                 }
-                Slot::Free => break Err((FaultKind::DeviceProtocol, format!("used id {head} has no element"))),
+                None => break Err((FaultKind::DeviceProtocol, format!("used id {head} has no element"))),
             }
         };
         bump(&self.stats.bytes_in, bytes_in);
@@ -763,13 +768,26 @@ impl ShadowQueue {
         if let Some(out) = f.out_bytes.as_deref().filter(|_| hooked) {
             self.hooks.iter_mut().for_each(|h| h.0.used(out, &written));
         }
-        for b in [f.out_buf, f.in_buf].into_iter().flatten() {
-            if let Some(p) = self.bounce.as_mut() {
-                let _ = p.free(b);
+        let InFlight { origin, out_buf, in_buf, mut guest_in, .. } = f;
+        let _ = self.release(out_buf, in_buf);
+        if self.chain.inn.capacity() == 0 {
+            guest_in.clear();
+            self.chain.inn = guest_in;
+        }
+        self.finish(origin, len, Ok(written));
+        Ok(())
+    }
+
+    /// Gives an element's bounce buffers back; the first failure (an unmap the device
+    /// refused) is returned after both were tried.
+    fn release(&mut self, out_buf: Option<BounceBuf>, in_buf: Option<BounceBuf>) -> Result<(), BounceError> {
+        let mut first = Ok(());
+        for b in [out_buf, in_buf].into_iter().flatten() {
+            if let Some(Err(e)) = self.bounce.as_mut().map(|p| p.free(b)) {
+                first = first.and(Err(e));
             }
         }
-        self.finish(f.origin, len, Ok(written));
-        Ok(())
+        first
     }
 
     fn finish(&mut self, origin: Origin, len: u32, result: Result<Vec<u8>, String>) {
@@ -801,18 +819,15 @@ impl ShadowQueue {
         let heads: Vec<u16> = self.shadow.in_flight_heads().collect();
         for head in heads {
             self.shadow.reclaim(head);
-            match self.in_flight.get_mut(head as usize).map(std::mem::take).unwrap_or_default() {
-                Slot::Free => {}
-                Slot::Guest(guest_head) => {
+            match self.untrack(head) {
+                None => {}
+                Some(Ok(guest_head)) => {
                     self.complete_guest(guest_head, 0);
                     returned += 1;
                 }
-                Slot::Rich(f) => {
-                    let f = *f;
-                    for b in [f.out_buf, f.in_buf].into_iter().flatten() {
-                        if let Some(Err(e)) = self.bounce.as_mut().map(|p| p.free(b)) {
-                            first.get_or_insert(e);
-                        }
+                Some(Err(f)) => {
+                    if let Err(e) = self.release(f.out_buf, f.in_buf) {
+                        first.get_or_insert(e);
                     }
                     self.finish(f.origin, 0, Err(format!("queue {} stopped", self.index)));
                     returned += 1;
@@ -831,6 +846,25 @@ impl ShadowQueue {
         }
         first.map_or(Ok(returned), Err)
     }
+}
+
+/// The queue's bounce pool, made on first use (copy queues get theirs up front;
+/// translate queues only when something is injected).
+fn pool_of<'a>(
+    bounce: &'a mut Option<BouncePool>,
+    space: Option<&BounceSpace>,
+    forwarding: Forwarding,
+    index: u32,
+) -> Result<&'a mut BouncePool, String> {
+    if bounce.is_none() {
+        let s = space.ok_or_else(|| format!("queue {index} has no bounce buffer space"))?;
+        let strategy = match forwarding {
+            Forwarding::Copy(st) => st,
+            Forwarding::Translate => s.strategy,
+        };
+        *bounce = Some(BouncePool::new(s.dma.clone(), s.asid, strategy, 1).map_err(|e| e.to_string())?);
+    }
+    bounce.as_mut().ok_or_else(|| "no bounce pool".to_string())
 }
 
 /// Copies the guest's readable segments into `b` from its start.

@@ -237,19 +237,6 @@ impl SimDevice {
         self.with_queue(queue, |q| q.misbehaviour = how)
     }
 
-    /// Live mappings per address space.
-    pub fn mappings_per_asid(&self) -> Vec<usize> {
-        self.state().spaces.iter().map(|s| s.len()).collect()
-    }
-
-    /// Changes the RAM disk / config without a driver (for tests): the MAC address.
-    pub fn mac(&self) -> Option<[u8; 6]> {
-        match self.state().kind {
-            SimKind::Net { mac, .. } => Some(mac),
-            SimKind::Blk { .. } => None,
-        }
-    }
-
     fn with_queue<T>(&self, q: u32, f: impl FnOnce(&mut SimQueue) -> T) -> DeviceResult<T> {
         let mut st = self.state();
         let n = st.queues.len();
