@@ -40,11 +40,7 @@ struct Setup {
 fn setup(segments: usize) -> Setup {
     let mem = Arc::new(GuestMemory::new(&[(GPA, SIZE)]).expect("guest memory"));
     let layout = RingLayout::new(QUEUE).expect("layout");
-    let (d, a, u, _) = layout.packed_offsets();
-    let p = |off: u64, len: u64| mem.host_ptr(GPA + off, len).expect("in memory");
-    // SAFETY: the parts lie inside guest memory at 16/2/4-aligned offsets of a
-    // page-aligned region; `mem` outlives the ring (both live in the returned Setup).
-    let ring = unsafe { Vring::new(p(d, layout.desc_bytes()), p(a, layout.avail_bytes()), p(u, layout.used_bytes()), layout) };
+    let ring = mem.packed_vring(GPA, layout).expect("ring in guest memory");
     // The guest fills the whole ring once; both parsers re-read it from the start.
     let mut w = RingWriter::new(ring, 0, false);
     let chains = QUEUE as usize / segments;
@@ -57,10 +53,9 @@ fn setup(segments: usize) -> Setup {
     let host = mem.host_ptr(GPA, SIZE).expect("region").as_ptr();
     // SAFETY: `host..host+SIZE` is svq's MAP_SHARED read/write mapping of the region, alive
     // as long as `mem`, which the Setup keeps alongside the peer's view of it.
-    let region = unsafe { MmapRegion::build_raw(host, SIZE as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED) }
-        .expect("raw region");
-    let peer_mem =
-        GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(region, GuestAddress(GPA)).expect("region")]).expect("memory");
+    let region =
+        unsafe { MmapRegion::build_raw(host, SIZE as usize, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED) }.expect("raw region");
+    let peer_mem = GuestMemoryMmap::from_regions(vec![GuestRegionMmap::new(region, GuestAddress(GPA)).expect("region")]).expect("memory");
     Setup { mem, peer_mem, ring, chains }
 }
 
@@ -107,10 +102,7 @@ fn peer_parse(s: &Setup, rounds: usize) -> (f64, u64) {
             for desc in chain {
                 let (addr, len) = (desc.addr().0, desc.len());
                 assert!(len != 0, "zero-length descriptor");
-                assert!(
-                    GuestMemoryBackend::check_range(&s.peer_mem, desc.addr(), len as usize),
-                    "buffer outside guest memory"
-                );
+                assert!(GuestMemoryBackend::check_range(&s.peer_mem, desc.addr(), len as usize), "buffer outside guest memory");
                 if desc.is_write_only() {
                     inn.push((addr, len));
                 } else {
@@ -131,7 +123,13 @@ fn peer_parse(s: &Setup, rounds: usize) -> (f64, u64) {
 fn guest_ring_parse_vs_virtio_queue() {
     let quick = std::env::var("SVQ_BENCH_QUICK").is_ok_and(|v| v == "1");
     // Debug builds (plain `cargo test`) only check that both parsers agree.
-    let chains_wanted: usize = if cfg!(debug_assertions) { 2_000 } else if quick { 400_000 } else { 4_000_000 };
+    let chains_wanted: usize = if cfg!(debug_assertions) {
+        2_000
+    } else if quick {
+        400_000
+    } else {
+        4_000_000
+    };
     for segments in [1usize, 4] {
         let s = setup(segments);
         let rounds = (chains_wanted / s.chains).max(1);

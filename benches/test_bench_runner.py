@@ -37,7 +37,7 @@ def test_quick_json_rows_have_the_fields(capsys: pytest.CaptureFixture[str]) -> 
                    "parse:", "notify:", "boundary:"):
         assert any(n.startswith(prefix) for n in names), prefix
     for r in rows:
-        assert FIELDS <= r.keys(), r
+        assert r.keys() >= FIELDS, r
         assert isinstance(r["name"], str) and isinstance(r["unit"], str) and isinstance(r["target"], str)
         assert r["met"] in (True, False, None)
         if r["note"].startswith("skipped"):
@@ -49,11 +49,11 @@ def test_quick_json_rows_have_the_fields(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
-    rc, out, _ = run_cli(["--quick", "--only", "forward", "--only", "notify"], capsys)
+    _, out, _ = run_cli(["--quick", "--only", "forward", "--only", "notify"], capsys)
     lines = out.splitlines()
     assert lines[0].split() == ["name", "svq", "peer", "unit", "ratio", "target", "met"]
     assert sum(line.startswith("forward in-process") for line in lines) == 4
-    rc, out, _ = run_cli(["--quick", "--markdown", "--only", "notify"], capsys)
+    _rc, out, _ = run_cli(["--quick", "--markdown", "--only", "notify"], capsys)
     assert out.startswith("| name | svq | peer | unit | ratio | target | met |")
 
 
@@ -120,14 +120,14 @@ def test_pure_python_svq_forwards_and_completes(event_idx: bool) -> None:
             [(to_iova(a), n, w) for a, n, w in chains[1]],
             [(0x1_0000_0000 + 0x8_0000 - 10, 10, True), (0x2_0000_0000, 20, True)],
         ]
-        for (h, _), n in zip(popped, (0, 7, 30)):
+        for (h, _), n in zip(popped, (0, 7, 30), strict=False):
             device.push_used(h, n)
         device.publish_used()
         sq.reap()
         done = []
         while (u := guest.pop_used()) is not None:
             done.append(u)
-        assert done == list(zip(heads, (0, 7, 30))), rnd
+        assert done == list(zip(heads, (0, 7, 30), strict=False)), rnd
     assert sq.stats["elements"] == sq.stats["completed"] == 15
 
 

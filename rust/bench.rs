@@ -16,17 +16,18 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::ptr::NonNull;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::device::Perm;
 use crate::eventfd::EventFd;
-use crate::iova::{IovaAllocator, PAGE_SIZE};
+use crate::fault::QueueHealth;
+use crate::iova::IovaAllocator;
 use crate::mem::GuestMemory;
+use crate::ring::mock::HeapRing;
 use crate::ring::reader::BufferSpace;
-use crate::ring::{Buf, Chain, Descriptor, RingLayout, RingReader, RingWriter, Vring};
-use crate::shadow::{Forwarding, QueueHealth, QueueStats, RegionIova, ShadowFds, ShadowParts, ShadowQueue};
+use crate::ring::{Buf, Chain, Descriptor, RingLayout, RingReader, RingWriter};
+use crate::shadow::{Forwarding, QueueStats, RegionIova, ShadowFds, ShadowParts, ShadowQueue};
+use crate::virtio::{Perm, PAGE_SIZE};
 
 // ---------------------------------------------------------------------------------------
 // IOVA allocator
@@ -95,11 +96,6 @@ impl FirstFitAllocator {
     /// Live mappings.
     pub fn len(&self) -> usize {
         self.maps.len()
-    }
-
-    /// Whether no mapping is live.
-    pub fn is_empty(&self) -> bool {
-        self.maps.is_empty()
     }
 }
 
@@ -358,33 +354,6 @@ impl BufferSpace for DeviceSpace {
     }
 }
 
-/// The shadow ring's memory, owned by the bench (the device reads it through host
-/// pointers, as the embedded device does once its IOTLB translated the ring).
-struct HostRing {
-    _mem: Vec<u128>,
-    ring: Vring,
-}
-
-fn host_ring(size: u16) -> HostRing {
-    let layout = RingLayout::new(size).expect("power of two");
-    let (_, a, u, total) = layout.packed_offsets();
-    let mut mem = vec![0u128; (total as usize).div_ceil(16)];
-    let base = mem.as_mut_ptr() as *mut u8;
-    // SAFETY: `packed_offsets` puts the three parts inside `total` bytes of `mem`, whose
-    // heap buffer never moves and outlives `ring` (both live in the returned HostRing and
-    // the ring is only used while it is alive); u128 storage is 16-byte aligned and the
-    // avail/used offsets are 2/4-aligned.
-    let ring = unsafe {
-        Vring::new(
-            NonNull::new(base).expect("non-null"),
-            NonNull::new(base.add(a as usize)).expect("non-null"),
-            NonNull::new(base.add(u as usize)).expect("non-null"),
-            layout,
-        )
-    };
-    HostRing { _mem: mem, ring }
-}
-
 /// Runs svq's shadow virtqueue in process for at least `elements` elements of
 /// `frame_size` bytes in `segments` device-readable descriptors each, `batch` at a time.
 ///
@@ -401,17 +370,12 @@ pub fn forward(segments: usize, frame_size: usize, elements: u64, batch: usize, 
     }
     let batch = batch.clamp(1, FWD_QUEUE_SIZE as usize / lens.len());
     let mem = Arc::new(GuestMemory::new(&[(FWD_GUEST_GPA, FWD_GUEST_SIZE)]).map_err(|e| e.to_string())?);
-    let layout = RingLayout::new(FWD_QUEUE_SIZE).expect("power of two");
-    let (d, a, u, _) = layout.packed_offsets();
-    let ptr = |off: u64, len: u64| mem.host_ptr(FWD_GUEST_GPA + off, len).map_err(|e| e.to_string());
-    // SAFETY: the three parts lie inside guest memory (host_ptr checked their sizes) at
-    // 16/2/4-aligned offsets of a page-aligned region, and `mem` outlives every user of
-    // the ring (the ShadowQueue holds an Arc; the guest writer is dropped before `mem`).
-    let guest_ring = unsafe { Vring::new(ptr(d, layout.desc_bytes())?, ptr(a, layout.avail_bytes())?, ptr(u, layout.used_bytes())?, layout) };
-    let shadow = host_ring(FWD_QUEUE_SIZE);
+    let layout = RingLayout::new(FWD_QUEUE_SIZE).ok_or("queue size")?;
+    let guest_ring = mem.packed_vring(FWD_GUEST_GPA, layout).map_err(|e| e.to_string())?;
+    let shadow = HeapRing::new(FWD_QUEUE_SIZE).ok_or("queue size")?;
 
     let mut guest = RingWriter::new(guest_ring, 0, event_idx);
-    let mut device = RingReader::new(shadow.ring, 0, event_idx, false);
+    let mut device = RingReader::new(shadow.ring(), 0, event_idx, false);
     let efd = || EventFd::new().map_err(|e| format!("eventfd: {e}"));
     let fds = ShadowFds { guest_kick: Arc::new(efd()?), guest_call: Arc::new(efd()?), device_kick: efd()?, device_call: efd()? };
     let stats = Arc::new(QueueStats::default());
@@ -419,7 +383,7 @@ pub fn forward(segments: usize, frame_size: usize, elements: u64, batch: usize, 
         index: 1,
         forwarding: Forwarding::Translate,
         guest: RingReader::new(guest_ring, 0, event_idx, false),
-        shadow: RingWriter::new(shadow.ring, 0, event_idx),
+        shadow: RingWriter::new(shadow.ring(), 0, event_idx),
         mem: mem.clone(),
         regions: vec![RegionIova { gpa: FWD_GUEST_GPA, size: FWD_GUEST_SIZE, iova: FWD_REGION_IOVA }],
         fds,
@@ -542,13 +506,9 @@ pub fn copy(bytes: usize, elements: u64, batch: usize) -> Result<CopyFigures, St
     let size = (1 << 20) + slot * batch as u64;
     let mem = Arc::new(GuestMemory::new(&[(gpa, size.div_ceil(PAGE_SIZE) * PAGE_SIZE)]).map_err(|e| e.to_string())?);
     mem.write(gpa + (1 << 20), &vec![0x5a; (slot as usize) * batch]).map_err(|e| e.to_string())?;
-    let layout = RingLayout::new(FWD_QUEUE_SIZE).expect("power of two");
-    let (d, a, u, _) = layout.packed_offsets();
-    let ptr = |off: u64, len: u64| mem.host_ptr(gpa + off, len).map_err(|e| e.to_string());
-    // SAFETY: as in `forward`: the parts lie inside guest memory at aligned offsets, and
-    // `mem` outlives the ring's users.
-    let guest_ring = unsafe { Vring::new(ptr(d, layout.desc_bytes())?, ptr(a, layout.avail_bytes())?, ptr(u, layout.used_bytes())?, layout) };
-    let shadow = host_ring(FWD_QUEUE_SIZE);
+    let layout = RingLayout::new(FWD_QUEUE_SIZE).ok_or("queue size")?;
+    let guest_ring = mem.packed_vring(gpa, layout).map_err(|e| e.to_string())?;
+    let shadow = HeapRing::new(FWD_QUEUE_SIZE).ok_or("queue size")?;
     // An idle embedded device is the IOTLB the pool maps into.
     let dev: Arc<dyn crate::device::Device> = Arc::new(SimDevice::net([2, 0, 0, 0, 0, 1], 1500).map_err(|e| e.to_string())?);
     let dma = Arc::new(Dma::new(dev).map_err(|e| e.to_string())?);
@@ -560,7 +520,7 @@ pub fn copy(bytes: usize, elements: u64, batch: usize) -> Result<CopyFigures, St
         index: 1,
         forwarding: Forwarding::Copy(Strategy::Pool),
         guest: RingReader::new(guest_ring, 0, true, false),
-        shadow: RingWriter::new(shadow.ring, 0, true),
+        shadow: RingWriter::new(shadow.ring(), 0, true),
         mem: mem.clone(),
         regions: Vec::new(),
         fds,
@@ -570,7 +530,7 @@ pub fn copy(bytes: usize, elements: u64, batch: usize) -> Result<CopyFigures, St
         bounce: Some(pool),
     });
     let mut guest = RingWriter::new(guest_ring, 0, true);
-    let mut device = RingReader::new(shadow.ring, 0, true, false);
+    let mut device = RingReader::new(shadow.ring(), 0, true, false);
     device.enable_notify();
     guest.enable_cb();
     let addr = |j: usize| gpa + (1 << 20) + slot * j as u64;

@@ -15,10 +15,9 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
-use crate::device::Perm;
 use crate::dma::{Dma, DmaError, MapRequest};
-use crate::iova::PAGE_SIZE;
-use crate::mem::{GuestMemory, MemError};
+use crate::mem::{GuestMemory, MemError, SharedSlice};
+use crate::virtio::{Perm, PAGE_SIZE};
 
 static LIVE: AtomicI64 = AtomicI64::new(0);
 
@@ -83,20 +82,37 @@ pub struct BounceBuf {
 unsafe impl Send for BounceBuf {}
 
 impl BounceBuf {
+    /// The buffer's bytes, shared with the device while it is in flight.
+    pub fn slice(&self) -> SharedSlice {
+        // SAFETY: the buffer's memory (its pool chunk or its own mapping) holds `cap`
+        // bytes at `host` for as long as the buffer or its pool lives.
+        unsafe { SharedSlice::new(self.host, self.cap) }
+    }
+
     /// Copies `data` to offset `at` of the buffer.
     pub fn write(&mut self, at: usize, data: &[u8]) {
-        assert!(at + data.len() <= self.cap, "bounce write past capacity");
-        // SAFETY: in bounds (checked above); the buffer memory is ours while we hold it.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.host.as_ptr().add(at), data.len()) };
+        self.slice().write(at, data);
         self.written = self.written.max(at + data.len());
     }
 
-    /// The first `len` bytes.
-    pub fn bytes(&self, len: usize) -> &[u8] {
-        let len = len.min(self.cap);
-        // SAFETY: in bounds; the device may write these bytes concurrently only while the
-        // element is in flight, and callers read after completion.
-        unsafe { std::slice::from_raw_parts(self.host.as_ptr(), len) }
+    /// Copies `len` bytes of `src` to offset `at` of the buffer.
+    pub fn write_shared(&mut self, at: usize, src: &SharedSlice) {
+        self.slice().copy_from(at, src, 0, src.len());
+        self.written = self.written.max(at + src.len());
+    }
+
+    /// Bytes of memory the buffer owns itself (per-element strategy; a pool buffer's
+    /// memory belongs to its pool).
+    pub fn own_bytes(&self) -> u64 {
+        match self.home {
+            Home::Own { .. } => self.cap as u64,
+            Home::Pool { .. } => 0,
+        }
+    }
+
+    /// The first `len` bytes (at most the capacity), copied out.
+    pub fn to_vec(&self, len: usize) -> Vec<u8> {
+        self.slice().to_vec(len.min(self.cap))
     }
 }
 
@@ -173,7 +189,11 @@ impl BouncePool {
     /// A buffer of `len` bytes that `fill` writes entirely (bytes `0..len`), followed by
     /// zeroes to its page-rounded end, for the device to read. If `fill` fails the
     /// buffer is given back.
-    pub fn alloc_filled<E>(&mut self, len: usize, fill: impl FnOnce(&mut BounceBuf) -> Result<(), E>) -> Result<BounceBuf, Result<BounceError, E>> {
+    pub fn alloc_filled<E>(
+        &mut self,
+        len: usize,
+        fill: impl FnOnce(&mut BounceBuf) -> Result<(), E>,
+    ) -> Result<BounceBuf, Result<BounceError, E>> {
         let mut b = self.take(len, len, false).map_err(Ok)?;
         if let Err(e) = fill(&mut b) {
             // The fill may have left part of the run written: free() counts it dirty.
@@ -194,7 +214,7 @@ impl BouncePool {
                 let r = &mem.regions()[0];
                 let req = MapRequest { size: r.size, host: r.host_addr(), guest: None, perm: Perm::ReadWrite, at: None };
                 let m = self.dma.map_one(self.asid, req)?;
-                let host = NonNull::new(r.host_addr() as *mut u8).expect("mmap never returns null");
+                let host = r.slice().ptr();
                 BounceBuf { iova: m.iova, host, cap: pages * PAGE_SIZE as usize, written: 0, home: Home::Own { mem } }
             }
             Strategy::Pool => {
@@ -206,7 +226,7 @@ impl BouncePool {
                     }
                 };
                 let c = &mut self.chunks[chunk];
-                let base = c.mem.regions()[0].host_addr() as *mut u8;
+                let whole = c.mem.regions()[0].slice();
                 let page = PAGE_SIZE as usize;
                 for p in first..first + pages {
                     c.used[p] = true;
@@ -214,13 +234,12 @@ impl BouncePool {
                     let from = keep.saturating_sub((p - first) * page).min(page);
                     let to = c.dirty[p] as usize;
                     if to > from {
-                        // SAFETY: page p of this chunk, bytes from..to < PAGE_SIZE.
-                        unsafe { std::ptr::write_bytes(base.add(p * page + from), 0, to - from) };
+                        whole.zero(p * page + from, to - from);
                     }
                     c.dirty[p] = 0;
                 }
                 // SAFETY: first + pages <= chunk pages, so the offset is inside the chunk.
-                let host = unsafe { NonNull::new_unchecked(base.add(first * page)) };
+                let host = unsafe { whole.ptr().add(first * page) };
                 BounceBuf {
                     iova: c.iova + (first as u64) * PAGE_SIZE,
                     host,
@@ -268,20 +287,30 @@ impl BouncePool {
             }
             Home::Own { mem } => {
                 let r = self.dma.unmap(&[buf.iova]);
-                drop(mem);
+                if r.is_err() {
+                    // Still mapped: the device may write it.
+                    let bytes = mem.total_bytes();
+                    crate::live::quarantine(mem, bytes);
+                }
                 Ok(r?)
             }
         }
     }
 
-    /// Unmaps every chunk (after the device stopped). Buffers still out are forgotten by
+    /// Unmaps every chunk. `quiesced` says the device was reset and acknowledged it: the
+    /// chunks' memory is freed only then and only when the unmap succeeded, otherwise it
+    /// is quarantined (the device may still reach it). Buffers still out are forgotten by
     /// the count; their memory goes with the chunks.
-    pub fn release(&mut self) -> Result<(), BounceError> {
+    pub fn release(&mut self, quiesced: bool) -> Result<(), BounceError> {
         let iovas: Vec<u64> = self.chunks.iter().map(|c| c.iova).collect();
         LIVE.fetch_sub(self.live as i64, Ordering::SeqCst);
         self.live = 0;
         let r = self.dma.unmap(&iovas);
-        self.chunks.clear();
+        let chunks = std::mem::take(&mut self.chunks);
+        if r.is_err() || !quiesced {
+            let bytes = chunks.iter().map(|c| c.mem.total_bytes()).sum();
+            crate::live::quarantine(chunks, bytes);
+        }
         Ok(r?)
     }
 }
@@ -289,7 +318,9 @@ impl BouncePool {
 impl Drop for BouncePool {
     fn drop(&mut self) {
         if !self.chunks.is_empty() || self.live > 0 {
-            let _ = self.release();
+            // A pool is dropped without a stop only while a session is being set up, before
+            // the device ran with it: the unmap alone decides whether its memory is free.
+            let _ = self.release(true);
         }
     }
 }
@@ -319,7 +350,7 @@ mod tests {
         p.free(b).unwrap();
         let b = p.alloc(100).unwrap();
         assert_eq!(b.iova, first, "the run is reused");
-        assert!(b.bytes(4096).iter().all(|&x| x == 0), "a writable buffer comes all zero");
+        assert!(b.to_vec(4096).iter().all(|&x| x == 0), "a writable buffer comes all zero");
         p.free(b).unwrap();
         // A readable buffer: its bytes, then zeroes to the page end, whatever was there.
         let mut b = p.alloc_with(&[0xbb; 5000]).unwrap();
@@ -327,14 +358,14 @@ mod tests {
         p.free(b).unwrap();
         let b = p.alloc_with(&[0xdd; 10]).unwrap();
         assert_eq!(b.cap, 4096);
-        assert!(b.bytes(10).iter().all(|&x| x == 0xdd));
-        assert!(b.bytes(4096)[10..].iter().all(|&x| x == 0), "the old tail was zeroed");
+        assert!(b.to_vec(10).iter().all(|&x| x == 0xdd));
+        assert!(b.to_vec(4096)[10..].iter().all(|&x| x == 0), "the old tail was zeroed");
         p.free(b).unwrap();
         let b = p.alloc(8192).unwrap();
-        assert!(b.bytes(8192).iter().all(|&x| x == 0), "both pages zero again");
+        assert!(b.to_vec(8192).iter().all(|&x| x == 0), "both pages zero again");
         p.free(b).unwrap();
         assert_eq!((p.live(), dma.live()), (0, 1));
-        p.release().unwrap();
+        p.release(true).unwrap();
         assert_eq!(dma.live(), 0);
     }
 
@@ -344,7 +375,7 @@ mod tests {
         let mut p = BouncePool::new(dma.clone(), 0, Strategy::Pool, 1).unwrap();
         let big = p.alloc(100 * 4096).unwrap();
         assert_eq!(p.chunks(), 2);
-        assert!(big.bytes(big.cap).iter().all(|&x| x == 0));
+        assert!(big.to_vec(big.cap).iter().all(|&x| x == 0));
         let small: Vec<_> = (0..64).map(|_| p.alloc(1).unwrap()).collect();
         assert_eq!(p.chunks(), 2, "the first chunk still had 64 pages");
         for b in small.into_iter().chain([big]) {
@@ -361,7 +392,7 @@ mod tests {
         let a = p.alloc(10).unwrap();
         let b = p.alloc(5000).unwrap();
         assert_eq!((dma.live(), b.cap), (2, 8192));
-        assert!(b.bytes(8192).iter().all(|&x| x == 0));
+        assert!(b.to_vec(8192).iter().all(|&x| x == 0));
         p.free(a).unwrap();
         p.free(b).unwrap();
         assert_eq!(dma.live(), 0);

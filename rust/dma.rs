@@ -5,8 +5,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::device::{Device, DeviceError, IotlbOp, Perm};
+use crate::device::{Device, DeviceError, IotlbOp};
 use crate::iova::{IovaAllocator, IovaError, Mapping};
+use crate::virtio::Perm;
 
 /// A failed map or unmap.
 #[derive(Debug, thiserror::Error)]

@@ -1,18 +1,25 @@
 //! The event loop: one worker thread per session waits on the guests' kick eventfds, the
 //! device's call eventfds and the device's config interrupt, and runs the shadow queues.
 //! Python is never on this path.
+//!
+//! The engine can be stopped from any thread, its own included (a hook that closes its
+//! session): then the thread cannot be joined, so whoever stops it hands over the rest of
+//! the teardown, which the engine thread runs after its loop, on the queues it owns.
 
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, ThreadId};
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-use crate::device::{status, Device};
+use crate::device::Device;
 use crate::eventfd::EventFd;
+use crate::fault::{Fault, QueueFault, QueueHealth};
 use crate::live::ThreadToken;
-use crate::shadow::{FaultKind, InjectSlot, QueueHealth, QueueHook, ShadowQueue};
+use crate::shadow::{InjectError, InjectSlot, QueueHook, ShadowQueue};
+use crate::virtio::status;
 
 const STOP: u64 = u64::MAX;
 const CONFIG: u64 = u64::MAX - 1;
@@ -42,17 +49,44 @@ pub enum Request {
     },
 }
 
+impl Request {
+    fn queue(&self) -> u32 {
+        match self {
+            Request::Inject { queue, .. } | Request::Hook { queue, .. } => *queue,
+        }
+    }
+
+    /// Tells whoever waits on the request that it will never run.
+    fn cancel(self, why: InjectError) {
+        match self {
+            Request::Inject { slot, .. } => slot.complete(Err(why)),
+            Request::Hook { done, .. } => done.complete(Err(why)),
+        }
+    }
+}
+
+/// The rest of a teardown, run by the engine thread after its loop when the engine was
+/// stopped from that thread.
+pub type Teardown = Box<dyn FnOnce(Vec<ShadowQueue>) + Send>;
+
 #[derive(Default)]
 struct Inbox {
-    requests: Mutex<Vec<Request>>,
+    requests: Vec<Request>,
+    /// Set once the engine stops: later requests are cancelled, not queued.
+    closed: bool,
+    teardown: Option<Teardown>,
 }
+
+/// A queue every fault on the device reaches: its index, health and guest notifier.
+pub type Watched = (u32, Arc<QueueHealth>, Arc<EventFd>);
 
 /// A running engine. [`Engine::stop`] returns the shadow queues.
 pub struct Engine {
     stop: Arc<EventFd>,
     wake: Arc<EventFd>,
-    inbox: Arc<Inbox>,
+    inbox: Arc<Mutex<Inbox>>,
     queues: Vec<u32>,
+    thread_id: ThreadId,
     thread: Option<JoinHandle<Vec<ShadowQueue>>>,
 }
 
@@ -62,19 +96,18 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+fn lock(m: &Mutex<Inbox>) -> std::sync::MutexGuard<'_, Inbox> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Engine {
     /// Starts the worker thread over `queues`. `config_call` is the device's config
-    /// interrupt; when it fires with NEEDS_RESET set, every queue in `all_health` is marked
-    /// broken and its guest woken through the matching `wake` eventfd.
-    pub fn start(
-        queues: Vec<ShadowQueue>,
-        device: Arc<dyn Device>,
-        config_call: EventFd,
-        all_health: Vec<(Arc<QueueHealth>, Arc<EventFd>)>,
-    ) -> Result<Self, Errno> {
+    /// interrupt; when it fires with NEEDS_RESET set, every queue in `watched` is marked
+    /// broken and its guest woken.
+    pub fn start(queues: Vec<ShadowQueue>, device: Arc<dyn Device>, config_call: EventFd, watched: Vec<Watched>) -> Result<Self, Errno> {
         let stop = Arc::new(EventFd::new()?);
         let wake = Arc::new(EventFd::new()?);
-        let inbox = Arc::new(Inbox::default());
+        let inbox = Arc::new(Mutex::new(Inbox::default()));
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
         epoll.add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, STOP))?;
         epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, INBOX))?;
@@ -84,7 +117,7 @@ impl Engine {
             epoll.add(q.fds.device_call.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, ((i as u64) << 1) | 1))?;
         }
         let indices = queues.iter().map(|q| q.index).collect();
-        let ctx = Worker { epoll, device, config_call, all_health, stop: stop.clone(), wake: wake.clone(), inbox: inbox.clone() };
+        let ctx = Worker { epoll, device, config_call, watched, stop: stop.clone(), wake: wake.clone(), inbox: inbox.clone() };
         let token = ThreadToken::new();
         let thread = std::thread::Builder::new()
             .name("svq-engine".into())
@@ -93,7 +126,8 @@ impl Engine {
                 ctx.run(queues)
             })
             .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)))?;
-        Ok(Engine { stop, wake, inbox, queues: indices, thread: Some(thread) })
+        let thread_id = thread.thread().id();
+        Ok(Engine { stop, wake, inbox, queues: indices, thread_id, thread: Some(thread) })
     }
 
     /// Whether queue `q` is shadowed by this engine.
@@ -101,16 +135,39 @@ impl Engine {
         self.queues.contains(&q)
     }
 
-    /// Hands work to the engine thread.
+    /// Whether the caller runs on the engine thread (inside a hook).
+    pub fn on_engine_thread(&self) -> bool {
+        std::thread::current().id() == self.thread_id
+    }
+
+    /// Hands work to the engine thread; after the engine stopped, each request is
+    /// cancelled with [`InjectError::Closed`] at once.
     pub fn submit(&self, reqs: Vec<Request>) {
-        self.inbox.requests.lock().unwrap_or_else(|p| p.into_inner()).extend(reqs);
+        let mut inbox = lock(&self.inbox);
+        if inbox.closed {
+            drop(inbox);
+            reqs.into_iter().for_each(|r| r.cancel(InjectError::Closed));
+            return;
+        }
+        inbox.requests.extend(reqs);
+        drop(inbox);
         self.wake.signal();
     }
 
-    /// Stops the worker and hands back the queues (for draining and teardown).
+    /// Stops the worker and hands back the queues (for draining and teardown). Must not
+    /// be called on the engine thread (see [`Engine::stop_from_engine_thread`]).
     pub fn stop(mut self) -> Vec<ShadowQueue> {
         self.stop.signal();
         self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+    }
+
+    /// Stops the worker from its own thread: the loop ends once the current event is
+    /// handled, then `teardown` runs there on the queues, and the thread exits.
+    pub fn stop_from_engine_thread(mut self, teardown: Teardown) {
+        lock(&self.inbox).teardown = Some(teardown);
+        self.stop.signal();
+        // Detached: the thread finishes on its own (and is counted until it does).
+        drop(self.thread.take());
     }
 }
 
@@ -118,7 +175,9 @@ impl Drop for Engine {
     fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
             self.stop.signal();
-            let _ = t.join();
+            if std::thread::current().id() != t.thread().id() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -127,17 +186,18 @@ struct Worker {
     epoll: Epoll,
     device: Arc<dyn Device>,
     config_call: EventFd,
-    all_health: Vec<(Arc<QueueHealth>, Arc<EventFd>)>,
+    watched: Vec<Watched>,
     stop: Arc<EventFd>,
     wake: Arc<EventFd>,
-    inbox: Arc<Inbox>,
+    inbox: Arc<Mutex<Inbox>>,
 }
 
 impl Worker {
-    /// Runs until told to stop, then hands the queues back. A panic while handling an
-    /// event (a bug in svq or in a hook) breaks every queue with an internal fault and
-    /// ends the loop, still handing the queues back so that closing returns every
-    /// element and releases every buffer.
+    /// Runs until told to stop, then hands the queues back (or tears them down itself
+    /// when stopped from this thread). A panic while handling an event (a bug in svq or
+    /// in a hook) breaks every queue with an internal fault and ends the loop, still
+    /// handing the queues back so that closing returns every element and releases every
+    /// buffer.
     fn run(self, mut queues: Vec<ShadowQueue>) -> Vec<ShadowQueue> {
         let mut events = [EpollEvent::empty(); 16];
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -163,10 +223,23 @@ impl Worker {
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
             for q in &mut queues {
-                q.fail(FaultKind::Internal, format!("svq internal error: {why}"));
+                q.fail(Fault::Internal(why.clone()));
             }
         }
-        queues
+        // No request runs from now on: whoever waits on one learns it now.
+        let (pending, teardown) = {
+            let mut inbox = lock(&self.inbox);
+            inbox.closed = true;
+            (std::mem::take(&mut inbox.requests), inbox.teardown.take())
+        };
+        pending.into_iter().for_each(|r| r.cancel(InjectError::Closed));
+        match teardown {
+            Some(t) => {
+                t(queues);
+                Vec::new()
+            }
+            None => queues,
+        }
     }
 
     /// Handles one event; false when the engine must stop.
@@ -179,23 +252,24 @@ impl Worker {
             CONFIG => {
                 self.config_call.drain();
                 if self.device.status().is_ok_and(|s| s & status::NEEDS_RESET != 0) {
-                    for (h, wake) in &self.all_health {
-                        h.set(FaultKind::DeviceNeedsReset, "device entered NEEDS_RESET".into());
+                    for (q, h, wake) in &self.watched {
+                        h.set(QueueFault { queue: *q, fault: Fault::DeviceNeedsReset });
                         wake.signal();
                     }
                     // Injected elements waiting on a dead device fail now.
-                    queues.iter_mut().for_each(|q| q.fail(FaultKind::DeviceNeedsReset, "device entered NEEDS_RESET".into()));
+                    queues.iter_mut().for_each(|q| q.fail(Fault::DeviceNeedsReset));
                 }
             }
             INBOX => {
                 self.wake.drain();
-                let reqs = std::mem::take(&mut *self.inbox.requests.lock().unwrap_or_else(|p| p.into_inner()));
+                let reqs = std::mem::take(&mut lock(&self.inbox).requests);
                 let mut touched = Vec::new();
                 for r in reqs {
-                    let (queue, r) = match r {
-                        Request::Inject { queue, .. } | Request::Hook { queue, .. } => (queue, r),
+                    let queue = r.queue();
+                    let Some(q) = queues.iter_mut().find(|q| q.index == queue) else {
+                        r.cancel(InjectError::Invalid(format!("queue {queue} is not shadowed")));
+                        continue;
                     };
-                    let Some(q) = queues.iter_mut().find(|q| q.index == queue) else { continue };
                     match r {
                         Request::Inject { out, in_len, slot, .. } => q.inject(out, in_len, slot),
                         Request::Hook { hook, done, .. } => {
@@ -210,14 +284,14 @@ impl Worker {
                 queues.iter_mut().filter(|q| touched.contains(&q.index)).for_each(|q| q.forward());
             }
             token => {
-                let q = &mut queues[(token >> 1) as usize];
+                let Some(q) = queues.get_mut((token >> 1) as usize) else { return true };
                 if token & 1 == 0 {
                     let kicks = q.fds.guest_kick.drain();
-                    q.stats().guest_kicks.fetch_add(kicks, std::sync::atomic::Ordering::Relaxed);
+                    q.stats().guest_kicks.fetch_add(kicks, Ordering::Relaxed);
                     q.forward();
                 } else {
                     let calls = q.fds.device_call.drain();
-                    q.stats().device_calls.fetch_add(calls, std::sync::atomic::Ordering::Relaxed);
+                    q.stats().device_calls.fetch_add(calls, Ordering::Relaxed);
                     q.reap();
                 }
             }

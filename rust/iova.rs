@@ -20,10 +20,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::device::Perm;
+use crate::virtio::Perm;
 
 /// Allocation granularity: sizes are rounded up to it, IOVAs aligned to it.
-pub const PAGE_SIZE: u64 = 4096;
+pub use crate::virtio::PAGE_SIZE;
 
 const PAGE_MASK: u64 = PAGE_SIZE - 1;
 
@@ -151,10 +151,7 @@ impl Holes {
 
     /// Smallest hole of at least `size` bytes; ties go to the lowest start.
     fn best_fit(&self, size: u64) -> Option<(u64, u64)> {
-        self.by_len
-            .range((size, 0)..)
-            .next()
-            .map(|&(len, start)| (start, len))
+        self.by_len.range((size, 0)..).next().map(|&(len, start)| (start, len))
     }
 
     /// The hole containing `addr`, as `(start, len)`.
@@ -211,16 +208,10 @@ struct RevIndex {
 impl RevIndex {
     fn insert(&mut self, addr: u64, size: u64, iova: u64) {
         let last = addr + (size - 1); // checked by the caller
-        let flagged = self.flagged > 0
-            || self
-                .by_addr
-                .range(..=(last, u64::MAX))
-                .next_back()
-                .is_some_and(|(_, e)| e.last >= addr);
+        let flagged = self.flagged > 0 || self.by_addr.range(..=(last, u64::MAX)).next_back().is_some_and(|(_, e)| e.last >= addr);
         self.flagged += usize::from(flagged);
         *self.sizes.entry(size).or_insert(0) += 1;
-        self.by_addr
-            .insert((addr, iova), RevEntry { last, flagged });
+        self.by_addr.insert((addr, iova), RevEntry { last, flagged });
     }
 
     fn remove(&mut self, addr: u64, size: u64, iova: u64) {
@@ -249,9 +240,7 @@ impl RevIndex {
         }
         let max = *self.sizes.last_key_value()?.0;
         let lowest = addr.saturating_sub(max - 1);
-        it.take_while(|((s, _), _)| *s >= lowest)
-            .find(|(_, e)| e.last >= addr)
-            .map(|(&(s, iova), _)| iova + (addr - s))
+        it.take_while(|((s, _), _)| *s >= lowest).find(|(_, e)| e.last >= addr).map(|(&(s, iova), _)| iova + (addr - s))
     }
 }
 
@@ -278,26 +267,14 @@ impl IovaAllocator {
             return Err(empty());
         }
         let lo = round_up_page(first.max(PAGE_SIZE)).ok_or_else(empty)?;
-        let hi = if last & PAGE_MASK == PAGE_MASK {
-            last
-        } else {
-            (last & !PAGE_MASK).checked_sub(1).ok_or_else(empty)?
-        };
+        let hi = if last & PAGE_MASK == PAGE_MASK { last } else { (last & !PAGE_MASK).checked_sub(1).ok_or_else(empty)? };
         if lo > hi {
             return Err(empty());
         }
         let mut holes = Holes::default();
         // lo >= PAGE_SIZE, so the length is at most 2^64 - PAGE_SIZE.
         holes.add(lo, hi - lo + 1);
-        Ok(Self {
-            first: lo,
-            last: hi,
-            mappings: BTreeMap::new(),
-            holes,
-            host: RevIndex::default(),
-            guest: RevIndex::default(),
-            mapped: 0,
-        })
+        Ok(Self { first: lo, last: hi, mappings: BTreeMap::new(), holes, host: RevIndex::default(), guest: RevIndex::default(), mapped: 0 })
     }
 
     /// Usable inclusive range: page-aligned start (never page 0) and an end
@@ -308,21 +285,11 @@ impl IovaAllocator {
 
     /// Places a mapping of `size` bytes (rounded up to pages) at a free
     /// IOVA, choosing the smallest hole that fits (lowest address on ties).
-    pub fn alloc(
-        &mut self,
-        size: u64,
-        host_addr: u64,
-        guest_addr: Option<u64>,
-        perm: Perm,
-    ) -> Result<Mapping, IovaError> {
+    pub fn alloc(&mut self, size: u64, host_addr: u64, guest_addr: Option<u64>, perm: Perm) -> Result<Mapping, IovaError> {
         if size == 0 {
             return Err(IovaError::ZeroSize);
         }
-        let exhausted = |size| IovaError::Exhausted {
-            size,
-            first: self.first,
-            last: self.last,
-        };
+        let exhausted = |size| IovaError::Exhausted { size, first: self.first, last: self.last };
         // Sizes that overflow on rounding exceed any possible hole.
         let size = round_up_page(size).ok_or_else(|| exhausted(size))?;
         check_addr_range(host_addr, size)?;
@@ -334,36 +301,18 @@ impl IovaAllocator {
         if len > size {
             self.holes.add(start + size, len - size);
         }
-        Ok(self.commit(Mapping {
-            iova: start,
-            size,
-            host_addr,
-            guest_addr,
-            perm,
-        }))
+        Ok(self.commit(Mapping { iova: start, size, host_addr, guest_addr, perm }))
     }
 
     /// Places a mapping at the fixed, page-aligned `iova`.
-    pub fn insert(
-        &mut self,
-        iova: u64,
-        size: u64,
-        host_addr: u64,
-        guest_addr: Option<u64>,
-        perm: Perm,
-    ) -> Result<Mapping, IovaError> {
+    pub fn insert(&mut self, iova: u64, size: u64, host_addr: u64, guest_addr: Option<u64>, perm: Perm) -> Result<Mapping, IovaError> {
         if size == 0 {
             return Err(IovaError::ZeroSize);
         }
         if iova & PAGE_MASK != 0 {
             return Err(IovaError::Misaligned { iova });
         }
-        let out_of_range = IovaError::OutOfRange {
-            iova,
-            size,
-            first: self.first,
-            last: self.last,
-        };
+        let out_of_range = IovaError::OutOfRange { iova, size, first: self.first, last: self.last };
         let Some(size) = round_up_page(size) else {
             return Err(out_of_range);
         };
@@ -380,17 +329,10 @@ impl IovaAllocator {
         if let Some(m) = self.mappings.range(..=last).next_back() {
             let m = m.1;
             if m.last_iova() >= iova {
-                return Err(IovaError::Overlap {
-                    iova,
-                    size,
-                    existing: m.iova,
-                });
+                return Err(IovaError::Overlap { iova, size, existing: m.iova });
             }
         }
-        let (hs, hl) = self
-            .holes
-            .containing(iova)
-            .expect("in-range IOVA not covered by a mapping must be in a hole");
+        let (hs, hl) = self.holes.containing(iova).expect("in-range IOVA not covered by a mapping must be in a hole");
         let hole_last = hs + (hl - 1);
         debug_assert!(hole_last >= last);
         self.holes.take(hs);
@@ -400,13 +342,7 @@ impl IovaAllocator {
         if hole_last > last {
             self.holes.add(last + 1, hole_last - last);
         }
-        Ok(self.commit(Mapping {
-            iova,
-            size,
-            host_addr,
-            guest_addr,
-            perm,
-        }))
+        Ok(self.commit(Mapping { iova, size, host_addr, guest_addr, perm }))
     }
 
     fn commit(&mut self, m: Mapping) -> Mapping {
@@ -421,10 +357,7 @@ impl IovaAllocator {
 
     /// Removes the mapping starting at `iova` and frees its range.
     pub fn remove(&mut self, iova: u64) -> Result<Mapping, IovaError> {
-        let m = self
-            .mappings
-            .remove(&iova)
-            .ok_or(IovaError::NotMapped { iova })?;
+        let m = self.mappings.remove(&iova).ok_or(IovaError::NotMapped { iova })?;
         self.host.remove(m.host_addr, m.size, m.iova);
         if let Some(g) = m.guest_addr {
             self.guest.remove(g, m.size, m.iova);
@@ -501,43 +434,20 @@ mod tests {
         let m = a.alloc(1, 0x1000, None, RW).unwrap();
         assert_eq!(m.iova, P);
         assert_eq!(m.size, P);
-        assert_eq!(
-            a.insert(0, P, 0, None, RW),
-            Err(IovaError::OutOfRange {
-                iova: 0,
-                size: P,
-                first: P,
-                last: 16 * P - 1
-            })
-        );
+        assert_eq!(a.insert(0, P, 0, None, RW), Err(IovaError::OutOfRange { iova: 0, size: P, first: P, last: 16 * P - 1 }));
         assert!(a.find(0).is_none());
         assert!(a.find(P - 1).is_none());
         // A range that only holds page 0 is empty.
-        assert_eq!(
-            IovaAllocator::new(0, P - 1).err(),
-            Some(IovaError::EmptyRange {
-                first: 0,
-                last: P - 1
-            })
-        );
+        assert_eq!(IovaAllocator::new(0, P - 1).err(), Some(IovaError::EmptyRange { first: 0, last: P - 1 }));
     }
 
     #[test]
     fn new_trims_partial_pages() {
         let a = IovaAllocator::new(P + 1, 5 * P + 10).unwrap();
         assert_eq!(a.range(), (2 * P, 5 * P - 1));
-        assert!(matches!(
-            IovaAllocator::new(P + 1, 2 * P + 10),
-            Err(IovaError::EmptyRange { .. })
-        ));
-        assert!(matches!(
-            IovaAllocator::new(10 * P, 5 * P),
-            Err(IovaError::EmptyRange { .. })
-        ));
-        assert!(matches!(
-            IovaAllocator::new(u64::MAX - 5, u64::MAX),
-            Err(IovaError::EmptyRange { .. })
-        ));
+        assert!(matches!(IovaAllocator::new(P + 1, 2 * P + 10), Err(IovaError::EmptyRange { .. })));
+        assert!(matches!(IovaAllocator::new(10 * P, 5 * P), Err(IovaError::EmptyRange { .. })));
+        assert!(matches!(IovaAllocator::new(u64::MAX - 5, u64::MAX), Err(IovaError::EmptyRange { .. })));
         let a = IovaAllocator::new(u64::MAX - P + 1, u64::MAX).unwrap();
         assert_eq!(a.range(), (u64::MAX - P + 1, u64::MAX));
     }
@@ -557,33 +467,17 @@ mod tests {
         let m = a.alloc(2 * P, 0x20_0000, None, RW).unwrap();
         assert_eq!((m.iova, m.last_iova()), (P, 3 * P - 1));
         assert_eq!(a.mapped_bytes(), 3 * P);
-        assert!(matches!(
-            a.insert(4 * P, P, 0, None, RW),
-            Err(IovaError::OutOfRange { .. })
-        ));
+        assert!(matches!(a.insert(4 * P, P, 0, None, RW), Err(IovaError::OutOfRange { .. })));
     }
 
     #[test]
     fn exhaustion() {
         let mut a = IovaAllocator::new(0, 4 * P - 1).unwrap();
         a.alloc(2 * P, 0, None, RW).unwrap();
-        assert_eq!(
-            a.alloc(2 * P, 0, None, RW),
-            Err(IovaError::Exhausted {
-                size: 2 * P,
-                first: P,
-                last: 4 * P - 1
-            })
-        );
+        assert_eq!(a.alloc(2 * P, 0, None, RW), Err(IovaError::Exhausted { size: 2 * P, first: P, last: 4 * P - 1 }));
         a.alloc(P, 0, None, RW).unwrap();
-        assert!(matches!(
-            a.alloc(1, 0, None, RW),
-            Err(IovaError::Exhausted { .. })
-        ));
-        assert!(matches!(
-            a.alloc(u64::MAX, 0, None, RW),
-            Err(IovaError::Exhausted { size: u64::MAX, .. })
-        ));
+        assert!(matches!(a.alloc(1, 0, None, RW), Err(IovaError::Exhausted { .. })));
+        assert!(matches!(a.alloc(u64::MAX, 0, None, RW), Err(IovaError::Exhausted { size: u64::MAX, .. })));
         let e = a.alloc(P, 0, None, RW).unwrap_err().to_string();
         assert_eq!(e, "no free IOVA range of 0x1000 bytes in [0x1000, 0x3fff]");
     }
@@ -592,50 +486,17 @@ mod tests {
     fn insert_validation() {
         let mut a = full();
         let m = a.insert(0x10_0000, 3 * P, 0, None, RW).unwrap();
-        for (iova, size) in [
-            (0x10_0000, P),
-            (0x10_0000 - P, 2 * P),
-            (0x10_0000 + 2 * P, 5 * P),
-            (0x10_0000 - 4 * P, 10 * P),
-        ] {
-            assert_eq!(
-                a.insert(iova, size, 0, None, RW),
-                Err(IovaError::Overlap {
-                    iova,
-                    size,
-                    existing: m.iova
-                })
-            );
+        for (iova, size) in [(0x10_0000, P), (0x10_0000 - P, 2 * P), (0x10_0000 + 2 * P, 5 * P), (0x10_0000 - 4 * P, 10 * P)] {
+            assert_eq!(a.insert(iova, size, 0, None, RW), Err(IovaError::Overlap { iova, size, existing: m.iova }));
         }
         // Neighbours on both sides are fine.
         a.insert(0x10_0000 - P, P, 0, None, RW).unwrap();
         a.insert(0x10_0000 + 3 * P, P, 0, None, RW).unwrap();
-        assert_eq!(
-            a.insert(0x10_0001, P, 0, None, RW),
-            Err(IovaError::Misaligned { iova: 0x10_0001 })
-        );
-        assert!(matches!(
-            a.insert(u64::MAX - P + 1, 2 * P, 0, None, RW),
-            Err(IovaError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            a.insert(P, u64::MAX, 0, None, RW),
-            Err(IovaError::OutOfRange { .. })
-        ));
-        assert_eq!(
-            a.insert(0x20_0000, 2 * P, u64::MAX - P, None, RW),
-            Err(IovaError::Overflow {
-                addr: u64::MAX - P,
-                size: 2 * P
-            })
-        );
-        assert_eq!(
-            a.alloc(P, 0, Some(u64::MAX), RW),
-            Err(IovaError::Overflow {
-                addr: u64::MAX,
-                size: P
-            })
-        );
+        assert_eq!(a.insert(0x10_0001, P, 0, None, RW), Err(IovaError::Misaligned { iova: 0x10_0001 }));
+        assert!(matches!(a.insert(u64::MAX - P + 1, 2 * P, 0, None, RW), Err(IovaError::OutOfRange { .. })));
+        assert!(matches!(a.insert(P, u64::MAX, 0, None, RW), Err(IovaError::OutOfRange { .. })));
+        assert_eq!(a.insert(0x20_0000, 2 * P, u64::MAX - P, None, RW), Err(IovaError::Overflow { addr: u64::MAX - P, size: 2 * P }));
+        assert_eq!(a.alloc(P, 0, Some(u64::MAX), RW), Err(IovaError::Overflow { addr: u64::MAX, size: P }));
         // Failed calls leave no trace.
         assert_eq!(a.len(), 3);
         assert_eq!(a.mapped_bytes(), 5 * P);
@@ -645,15 +506,9 @@ mod tests {
     fn remove_unknown() {
         let mut a = full();
         let m = a.alloc(2 * P, 0, None, RW).unwrap();
-        assert_eq!(
-            a.remove(0x1234_0000),
-            Err(IovaError::NotMapped { iova: 0x1234_0000 })
-        );
+        assert_eq!(a.remove(0x1234_0000), Err(IovaError::NotMapped { iova: 0x1234_0000 }));
         // Not the start of a mapping.
-        assert_eq!(
-            a.remove(m.iova + P),
-            Err(IovaError::NotMapped { iova: m.iova + P })
-        );
+        assert_eq!(a.remove(m.iova + P), Err(IovaError::NotMapped { iova: m.iova + P }));
         assert_eq!(a.remove(m.iova), Ok(m));
         assert_eq!(a.remove(m.iova), Err(IovaError::NotMapped { iova: m.iova }));
         assert!(a.is_empty());
@@ -673,18 +528,13 @@ mod tests {
         assert_eq!(big.iova, P);
         a.remove(mc.iova).unwrap();
         a.remove(big.iova).unwrap();
-        assert_eq!(
-            a.holes.by_start.into_iter().collect::<Vec<_>>(),
-            vec![(P, 3 * P)]
-        );
+        assert_eq!(a.holes.by_start.into_iter().collect::<Vec<_>>(), vec![(P, 3 * P)]);
     }
 
     #[test]
     fn best_fit_prefers_smallest_hole() {
         let mut a = IovaAllocator::new(0, 64 * P - 1).unwrap();
-        let ms: Vec<_> = (0..8)
-            .map(|_| a.alloc(2 * P, 0, None, RW).unwrap())
-            .collect();
+        let ms: Vec<_> = (0..8).map(|_| a.alloc(2 * P, 0, None, RW).unwrap()).collect();
         let ms2: Vec<_> = (0..4).map(|_| a.alloc(P, 0, None, RW).unwrap()).collect();
         a.remove(ms[1].iova).unwrap(); // 2-page hole
         a.remove(ms2[2].iova).unwrap(); // 1-page hole
@@ -695,15 +545,7 @@ mod tests {
     #[test]
     fn lookups_at_edges() {
         let mut a = full();
-        let m = a
-            .insert(
-                0x10_0000,
-                3 * P,
-                0x7f00_0000,
-                Some(0x4000_0000),
-                Perm::ReadOnly,
-            )
-            .unwrap();
+        let m = a.insert(0x10_0000, 3 * P, 0x7f00_0000, Some(0x4000_0000), Perm::ReadOnly).unwrap();
         let end = m.iova + m.size;
         assert_eq!(a.find(m.iova), Some(&m));
         assert_eq!(a.find(end - 1), Some(&m));
@@ -772,14 +614,9 @@ mod tests {
         assert_eq!(whole.last_iova(), u64::MAX);
         assert_eq!(a.find(u64::MAX), Some(&whole));
         assert_eq!(a.iova_of_host(u64::MAX - P), Some(u64::MAX));
-        assert!(matches!(
-            a.alloc(P, 0, None, RW),
-            Err(IovaError::Exhausted { .. })
-        ));
+        assert!(matches!(a.alloc(P, 0, None, RW), Err(IovaError::Exhausted { .. })));
         a.remove(P).unwrap();
-        let top = a
-            .insert(u64::MAX - P + 1, P, u64::MAX - P + 1, Some(0), RW)
-            .unwrap();
+        let top = a.insert(u64::MAX - P + 1, P, u64::MAX - P + 1, Some(0), RW).unwrap();
         assert_eq!(a.find(u64::MAX), Some(&top));
         assert_eq!(a.iova_of_host(u64::MAX), Some(u64::MAX));
         assert_eq!(a.iova_of_guest(P - 1), Some(u64::MAX));
@@ -787,15 +624,9 @@ mod tests {
         assert_eq!(low.iova, P);
         a.remove(top.iova).unwrap();
         a.remove(low.iova).unwrap();
-        assert_eq!(
-            a.holes.by_start.iter().collect::<Vec<_>>(),
-            vec![(&P, &(u64::MAX - P + 1))]
-        );
+        assert_eq!(a.holes.by_start.iter().collect::<Vec<_>>(), vec![(&P, &(u64::MAX - P + 1))]);
         // Rounding a size near u64::MAX must not overflow.
-        assert!(matches!(
-            a.alloc(u64::MAX - 10, 0, None, RW),
-            Err(IovaError::Exhausted { .. })
-        ));
+        assert!(matches!(a.alloc(u64::MAX - 10, 0, None, RW), Err(IovaError::Exhausted { .. })));
     }
 
     #[test]
@@ -829,23 +660,10 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Alloc {
-            pages: u64,
-            host: u64,
-            guest: Option<u64>,
-        },
-        Insert {
-            page: u64,
-            pages: u64,
-            host: u64,
-            guest: Option<u64>,
-        },
-        Remove {
-            pick: usize,
-        },
-        RemoveRandom {
-            iova: u64,
-        },
+        Alloc { pages: u64, host: u64, guest: Option<u64> },
+        Insert { page: u64, pages: u64, host: u64, guest: Option<u64> },
+        Remove { pick: usize },
+        RemoveRandom { iova: u64 },
     }
 
     fn op_strategy(span_pages: u64) -> impl Strategy<Value = Op> {
@@ -877,18 +695,10 @@ mod tests {
         if cur <= last as u128 {
             holes.push((cur, last as u128 + 1 - cur));
         }
-        holes
-            .into_iter()
-            .filter(|&(_, len)| len >= size as u128)
-            .min_by_key(|&(s, len)| (len, s))
-            .map(|(s, _)| s as u64)
+        holes.into_iter().filter(|&(_, len)| len >= size as u128).min_by_key(|&(s, len)| (len, s)).map(|(s, _)| s as u64)
     }
 
-    fn model_lookup(
-        live: &[Mapping],
-        addr: u64,
-        key: impl Fn(&Mapping) -> Option<u64>,
-    ) -> Vec<u64> {
+    fn model_lookup(live: &[Mapping], addr: u64, key: impl Fn(&Mapping) -> Option<u64>) -> Vec<u64> {
         live.iter()
             .filter_map(|m| {
                 let base = key(m)?;
@@ -924,10 +734,7 @@ mod tests {
         }
         // Holes and mappings together tile the usable range exactly.
         let hole_bytes: u128 = a.holes.by_start.values().map(|&l| l as u128).sum();
-        assert_eq!(
-            hole_bytes + a.mapped_bytes() as u128,
-            last as u128 - first as u128 + 1
-        );
+        assert_eq!(hole_bytes + a.mapped_bytes() as u128, last as u128 - first as u128 + 1);
         assert_eq!(a.holes.by_start.len(), a.holes.by_len.len());
         for q in (0..70 * P).step_by(509) {
             let hosts = model_lookup(live, q, |m| Some(m.host_addr));
@@ -961,12 +768,7 @@ mod tests {
                         None => assert!(matches!(r, Err(IovaError::Exhausted { .. }))),
                     }
                 }
-                Op::Insert {
-                    page,
-                    pages,
-                    host,
-                    guest,
-                } => {
+                Op::Insert { page, pages, host, guest } => {
                     // Starts one page below the range; wraps to a low IOVA at the top.
                     let iova = (uf - P).wrapping_add(page * P);
                     let size = pages * P;
@@ -977,20 +779,9 @@ mod tests {
                         continue;
                     };
                     // The overlapping mapping with the greatest start is named.
-                    let existing = live
-                        .iter()
-                        .filter(|m| m.iova <= end && iova <= m.last_iova())
-                        .map(|m| m.iova)
-                        .max();
+                    let existing = live.iter().filter(|m| m.iova <= end && iova <= m.last_iova()).map(|m| m.iova).max();
                     match existing {
-                        Some(existing) => assert_eq!(
-                            r,
-                            Err(IovaError::Overlap {
-                                iova,
-                                size,
-                                existing
-                            })
-                        ),
+                        Some(existing) => assert_eq!(r, Err(IovaError::Overlap { iova, size, existing })),
                         None => live.push(r.unwrap()),
                     }
                 }

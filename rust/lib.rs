@@ -2,23 +2,28 @@
 //!
 //! A shadow virtqueue sits between a virtio driver's split ring (the guest's) and a vDPA
 //! device: it pops and validates the guest's chains, forwards them on its own shadow ring
-//! with addresses translated into the device's IOVA space, validates what the device
-//! returns and completes the guest's buffers.
+//! with addresses translated into the device's IOVA space (or copied through bounce
+//! buffers), validates what the device returns and completes the guest's buffers.
 //!
-//! Modules, one job each: [`ring`] (split-ring layout and roles), [`mem`] (guest memory),
-//! [`iova`] (the IOVA allocator), [`device`] (the device trait, the kernel backend and the
-//! embedded device), [`shadow`] (one shadow virtqueue), [`engine`] (the event loop),
-//! [`session`] (a device set up for shadowing or passthrough), [`driver`] (an in-process
-//! guest driver).
+//! Modules, bottom up (a module uses only those listed before it):
+//! [`virtio`] (constants), [`ring`] (split-ring layout and roles), [`mem`] (guest memory),
+//! [`iova`] (the IOVA allocator), [`eventfd`] and [`live`] (OS resources), [`net`] (the
+//! virtio-net control-queue codec), [`device`] (the device trait, the kernel backend and
+//! the embedded device), [`fault`] (why a queue broke), [`dma`] and [`bounce`] (mappings
+//! and bounce buffers), [`shadow`] (one shadow virtqueue), [`engine`] (the event loop),
+//! [`front`] (who supplies the guest side), [`session`] (a device set up for shadowing or
+//! passthrough).
 #![deny(missing_docs)]
 
-pub mod bench;
+#[cfg(feature = "bench")]
+mod bench;
 pub mod bounce;
 pub mod device;
 pub mod dma;
-pub mod driver;
 pub mod engine;
 pub mod eventfd;
+pub mod fault;
+pub mod front;
 pub mod iova;
 pub mod live;
 pub mod mem;
@@ -28,3 +33,4 @@ mod py;
 pub mod ring;
 pub mod session;
 pub mod shadow;
+pub mod virtio;

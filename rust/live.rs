@@ -1,5 +1,6 @@
-//! Counters of live OS resources (eventfds, worker threads), so that tests and users can
-//! check that closing a session leaves nothing behind.
+//! Counters of live OS resources (eventfds, worker threads) and of memory kept because a
+//! device may still reach it, so that tests and users can check that closing a session
+//! leaves nothing behind.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -46,4 +47,21 @@ impl Drop for ThreadToken {
     fn drop(&mut self) {
         THREADS.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// Memory kept on purpose because a device may still reach it: its reset was not
+/// acknowledged or its mappings could not be removed. Freeing it would let the device
+/// write into whatever reuses the pages, so it stays until the process ends.
+static QUARANTINE: std::sync::Mutex<Vec<Box<dyn std::any::Any + Send>>> = std::sync::Mutex::new(Vec::new());
+static QUARANTINED_BYTES: AtomicI64 = AtomicI64::new(0);
+
+/// Keeps `what` (memory of `bytes` bytes) alive for the rest of the process.
+pub fn quarantine<T: Send + 'static>(what: T, bytes: u64) {
+    QUARANTINED_BYTES.fetch_add(bytes as i64, Ordering::SeqCst);
+    QUARANTINE.lock().unwrap_or_else(|p| p.into_inner()).push(Box::new(what));
+}
+
+/// Bytes kept by [`quarantine`].
+pub fn quarantined_bytes() -> i64 {
+    QUARANTINED_BYTES.load(Ordering::SeqCst)
 }

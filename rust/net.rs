@@ -4,34 +4,6 @@
 
 use std::collections::BTreeSet;
 
-/// virtio-net feature bits (virtio spec 5.1.3), as bit numbers.
-pub mod feature {
-    /// Control of guest offloads through the control queue.
-    pub const CTRL_GUEST_OFFLOADS: u32 = 2;
-    /// The device reports its MTU.
-    pub const MTU: u32 = 3;
-    /// The device has a MAC in config space.
-    pub const MAC: u32 = 5;
-    /// Link status in config space.
-    pub const STATUS: u32 = 16;
-    /// A control queue.
-    pub const CTRL_VQ: u32 = 17;
-    /// RX modes PROMISC/ALLMULTI and the MAC table.
-    pub const CTRL_RX: u32 = 18;
-    /// VLAN filter.
-    pub const CTRL_VLAN: u32 = 19;
-    /// RX modes ALLUNI/NOMULTI/NOUNI/NOBCAST.
-    pub const CTRL_RX_EXTRA: u32 = 20;
-    /// Gratuitous announcement.
-    pub const GUEST_ANNOUNCE: u32 = 21;
-    /// Multiqueue.
-    pub const MQ: u32 = 22;
-    /// MAC_ADDR_SET through the control queue.
-    pub const CTRL_MAC_ADDR: u32 = 23;
-    /// Any framing of headers and data.
-    pub const ANY_LAYOUT: u32 = 27;
-}
-
 /// `VIRTIO_NET_OK`.
 pub const ACK_OK: u8 = 0;
 /// `VIRTIO_NET_ERR`.
@@ -503,63 +475,9 @@ mod tests {
             s.apply(&c);
         }
         let names: Vec<_> = s.restore_commands(dev_mac).iter().map(Command::name).collect();
-        assert_eq!(
-            names,
-            ["MAC_ADDR_SET", "MAC_TABLE_SET", "MQ_VQ_PAIRS_SET", "GUEST_OFFLOADS_SET", "RX_PROMISC", "VLAN_ADD", "VLAN_ADD"]
-        );
+        assert_eq!(names, ["MAC_ADDR_SET", "MAC_TABLE_SET", "MQ_VQ_PAIRS_SET", "GUEST_OFFLOADS_SET", "RX_PROMISC", "VLAN_ADD", "VLAN_ADD"]);
         // A MAC equal to the device's own is not sent again.
         s.mac = Some(dev_mac);
         assert_eq!(s.restore_commands(dev_mac)[0].name(), "MAC_TABLE_SET");
-    }
-}
-
-/// What the control-queue tracker counted.
-#[derive(Debug, Default)]
-pub struct CvqCounters {
-    /// Commands seen (guest and injected).
-    pub commands: std::sync::atomic::AtomicU64,
-    /// Commands the device acknowledged with OK.
-    pub acked: std::sync::atomic::AtomicU64,
-    /// Guest commands answered by svq without the device (malformed: ERR; ANNOUNCE: OK).
-    pub answered_locally: std::sync::atomic::AtomicU64,
-}
-
-/// The control queue's policy: malformed commands get ERR without reaching the device,
-/// ANNOUNCE_ACK is answered locally, and the state changes only when the device
-/// acknowledged a command with OK.
-#[derive(Debug)]
-pub struct CvqTracker {
-    /// The tracked state.
-    pub state: std::sync::Arc<std::sync::Mutex<NetState>>,
-    /// Counters.
-    pub counters: std::sync::Arc<CvqCounters>,
-}
-
-impl crate::shadow::QueueHook for CvqTracker {
-    fn avail(&mut self, out: &[u8], _in_len: u32) -> crate::shadow::Verdict {
-        use crate::shadow::Verdict;
-        use std::sync::atomic::Ordering::Relaxed;
-        let local = |ack: u8| {
-            self.counters.commands.fetch_add(1, Relaxed);
-            self.counters.answered_locally.fetch_add(1, Relaxed);
-            Verdict::Answer(vec![ack])
-        };
-        match Command::decode(out) {
-            Err(_) => local(ACK_ERR),
-            Ok(Command::AnnounceAck) => local(ACK_OK),
-            Ok(_) => Verdict::Forward,
-        }
-    }
-
-    fn used(&mut self, out: &[u8], written: &[u8]) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.counters.commands.fetch_add(1, Relaxed);
-        if written.first() != Some(&ACK_OK) {
-            return;
-        }
-        if let Ok(cmd) = Command::decode(out) {
-            self.counters.acked.fetch_add(1, Relaxed);
-            self.state.lock().unwrap_or_else(|p| p.into_inner()).apply(&cmd);
-        }
     }
 }

@@ -216,14 +216,28 @@ def test_inject_errors() -> None:
     with svq.Session("sim:net", mode=svq.Mode.PASSTHROUGH, queue_modes={net.CTRL: svq.Mode.COPY}) as s:
         with pytest.raises(ValueError, match="not shadowed"):
             s.inject(net.TX, b"x", 0)
-        with pytest.raises(svq.InjectError, match="readable or writable"):
+        with pytest.raises(ValueError, match="readable or writable"):
             s.inject(net.CTRL, b"", 0)
+        with pytest.raises(ValueError, match="out of range"):
+            s.inject(net.CTRL, b"x", -1)
         s.suspend()
-        waiter = threading.Thread(target=lambda: pytest.raises(svq.InjectError, s.inject, net.CTRL, net.vlan_add(1), 1, 5))
+        outcome: list[BaseException] = []
+
+        def wait_for_a_suspended_device() -> None:
+            try:
+                s.inject(net.CTRL, net.vlan_add(1), 1, 5)
+            except BaseException as e:  # noqa: BLE001 - the outcome is what the test checks
+                outcome.append(e)
+
+        waiter = threading.Thread(target=wait_for_a_suspended_device)
         waiter.start()
         time.sleep(0.1)
+        t0 = time.monotonic()
         s.close()
         waiter.join()
+        # Closing wakes the waiter at once, with the reason.
+        assert time.monotonic() - t0 < 2
+        assert len(outcome) == 1 and isinstance(outcome[0], svq.SessionClosedError), outcome
 
 
 def test_python_hooks_answer_refuse_and_observe() -> None:

@@ -73,9 +73,11 @@ def test_every_failing_eventfd_of_a_start_is_unwound(setup: str) -> None:
     assert n > 4, "a start creates several eventfds"
 
 
+@pytest.mark.quarantines
 @pytest.mark.parametrize("setup", list(MODES))
 def test_failing_unmaps_on_close_keep_the_cause_and_release_the_rest(setup: str) -> None:
     kwargs = MODES[setup]
+    kept = svq.live_resources()["quarantined_bytes"]
     with svq.Device("sim:net") as dev:
         s = svq.Session(dev, **kwargs)
         dev.fail_at("unmap", 1)
@@ -85,19 +87,26 @@ def test_failing_unmaps_on_close_keep_the_cause_and_release_the_rest(setup: str)
         s.close()  # idempotent: nothing more to do, no second error
         assert s.closed
         assert svq.live_resources()["bounce_buffers"] == 0
+        # What the device still maps is kept, not freed.
+        assert svq.live_resources()["quarantined_bytes"] > kept
         # The device kept what it refused to unmap; a new session resets it and works.
         works(dev, kwargs)
         assert dev.live_mappings() == 0
 
 
+@pytest.mark.quarantines
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_failing_device_calls_on_close_still_release_everything(n: int) -> None:
+    kept = svq.live_resources()["quarantined_bytes"]
     with svq.Device("sim:net") as dev:
         s = svq.Session(dev, mode=svq.Mode.COPY)
         dev.fail_at("ioctl", n)
         with pytest.raises(OSError, match="injected failure"):
             s.close()
         assert svq.live_resources()["bounce_buffers"] == 0
+        # The first two calls are the reset and the read-back that proves it: without
+        # both, the device may still run on svq's memory, which is kept.
+        assert (svq.live_resources()["quarantined_bytes"] > kept) == (n <= 2)
         works(dev, MODES["translate"])
 
 

@@ -103,7 +103,7 @@ def test_control_queue_mac_addr_set_changes_config_and_filter(net_session: svq.S
 
 
 def test_unknown_control_command_is_refused(net_session: svq.Session) -> None:
-    length, ack = net_session.driver.request(net.CTRL, [bytes([net.CTRL_MAC, 1]) + b"\x01"], 1)
+    _length, ack = net_session.driver.request(net.CTRL, [bytes([net.CTRL_MAC, 1]) + b"\x01"], 1)
     assert ack == bytes([net.ACK_ERR])
     assert net_session.device.info()["config"]["mac"] == "52:54:00:12:34:56"
 

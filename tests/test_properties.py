@@ -140,16 +140,15 @@ else:
         with svq.Session("sim:net", mode=mode, queue_size=QUEUE_SIZE, indirect=indirect, event_idx=event_idx) as s:
             seq = sent = 0
             for sizes, segments, rx_size in batches:
-                if not indirect:
-                    # Direct chains must fit the 8 descriptors together.
-                    sizes = sizes[: max(1, QUEUE_SIZE // segments)]
-                frames = [numbered_frame(seq + i, n) for i, n in enumerate(sizes)]
+                # Direct chains must fit the 8 descriptors together.
+                fitting = sizes if indirect else sizes[: max(1, QUEUE_SIZE // segments)]
+                frames = [numbered_frame(seq + i, n) for i, n in enumerate(fitting)]
                 rx = transfer(s, frames, segments=segments, indirect=indirect, rx_size=rx_size)
                 for f, (_, length, data) in zip(frames, rx, strict=True):
                     assert length == min(len(f), rx_size)
                     assert data == f[:rx_size]
                 seq += len(frames)
-                sent += sum(sizes)
+                sent += sum(fitting)
             assert s.vring_base(net.TX) == s.vring_base(net.RX) == seq
             if mode is svq.Mode.TRANSLATE:
                 assert s.stats(net.TX)["bytes_out"] == sent
@@ -174,7 +173,7 @@ else:
         with svq.Session("sim:net", mode=mode, queue_size=QUEUE_SIZE) as s:
             for out, in_sizes in chains:
                 # A broadcast header in front, so the loopback delivers it.
-                parts = [net.frame(net.BROADCAST, b"")] + out
+                parts = [net.frame(net.BROADCAST, b""), *out]
                 s.driver.post_receive(net.RX, 1, 2048)
                 head = s.driver.submit(net.TX, parts, in_sizes)
                 [(h, length, _)] = s.driver.wait(net.TX, 1)

@@ -1,4 +1,5 @@
-"""The extension's stubs match what it really exports, and the package type-checks."""
+"""The extension's stubs match what it really exports, and the package type-checks
+under `mypy --strict`."""
 
 from __future__ import annotations
 
@@ -20,5 +21,5 @@ def test_stubs_match_the_extension() -> None:
 
 
 def test_package_type_checks() -> None:
-    r = run("mypy", "-p", "svq")
+    r = run("mypy", "--strict", "-p", "svq")
     assert r.returncode == 0, r.stdout + r.stderr

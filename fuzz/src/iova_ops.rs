@@ -8,8 +8,8 @@
 //! "neighbourhoods" (low pages, near the range's ends, near `u64::MAX`, raw) so that
 //! mappings collide, nest and touch the edges of the 64-bit space.
 
-use svq::device::Perm;
 use svq::iova::{IovaAllocator, IovaError, Mapping, PAGE_SIZE as P};
+use svq::virtio::Perm;
 
 use crate::Input;
 
@@ -29,10 +29,7 @@ fn usable(first: u64, last: u64) -> Option<(u64, u64)> {
 
 /// The smallest hole of at least `size` bytes (lowest start on ties).
 fn best_fit(live: &[Mapping], first: u64, last: u64, size: u128) -> Option<u64> {
-    let mut spans: Vec<(u128, u128)> = live
-        .iter()
-        .map(|m| (m.iova as u128, m.iova as u128 + m.size as u128))
-        .collect();
+    let mut spans: Vec<(u128, u128)> = live.iter().map(|m| (m.iova as u128, m.iova as u128 + m.size as u128)).collect();
     spans.sort();
     let mut best: Option<(u128, u128)> = None;
     let mut cur = first as u128;
@@ -103,15 +100,9 @@ fn check_mapping(m: &Mapping, first: u64, last: u64, live: &[Mapping]) {
     assert!(m.iova >= P, "mapping in page 0: {m:?}");
     assert_eq!(m.iova % P, 0, "misaligned {m:?}");
     assert!(m.size > 0 && m.size.is_multiple_of(P), "bad size {m:?}");
-    assert!(
-        m.iova >= first && m.iova.checked_add(m.size - 1).is_some_and(|e| e <= last),
-        "{m:?} outside [{first:#x}, {last:#x}]"
-    );
+    assert!(m.iova >= first && m.iova.checked_add(m.size - 1).is_some_and(|e| e <= last), "{m:?} outside [{first:#x}, {last:#x}]");
     for o in live {
-        assert!(
-            m.last_iova() < o.iova || o.last_iova() < m.iova,
-            "{m:?} overlaps {o:?}"
-        );
+        assert!(m.last_iova() < o.iova || o.last_iova() < m.iova, "{m:?} overlaps {o:?}");
     }
 }
 
@@ -131,11 +122,7 @@ pub fn run(data: &[u8]) {
     let want = usable(first, last);
     let mut a = match IovaAllocator::new(first, last) {
         Ok(a) => {
-            assert_eq!(
-                Some(a.range()),
-                want,
-                "usable range of [{first:#x}, {last:#x}]"
-            );
+            assert_eq!(Some(a.range()), want, "usable range of [{first:#x}, {last:#x}]");
             a
         }
         Err(e) => {
@@ -168,34 +155,20 @@ pub fn run(data: &[u8]) {
                         assert_eq!(Some(m.size), rounded);
                         assert_eq!((m.host_addr, m.guest_addr, m.perm), (host, guest, p));
                         check_mapping(&m, uf, ul, &live);
-                        assert_eq!(
-                            Some(m.iova),
-                            best_fit(&live, uf, ul, m.size as u128),
-                            "not the best fit"
-                        );
+                        assert_eq!(Some(m.iova), best_fit(&live, uf, ul, m.size as u128), "not the best fit");
                         assert!(!wraps(host, m.size) && !guest.is_some_and(|g| wraps(g, m.size)));
                         live.push(m);
                     }
                     Err(IovaError::ZeroSize) => assert_eq!(sz, 0),
                     Err(IovaError::Overflow { addr, size }) => {
                         assert_eq!(Some(size), rounded);
-                        assert!(
-                            (addr == host || Some(addr) == guest) && wraps(addr, size),
-                            "{addr:#x}+{size:#x}"
-                        );
+                        assert!((addr == host || Some(addr) == guest) && wraps(addr, size), "{addr:#x}+{size:#x}");
                     }
                     Err(IovaError::Exhausted { size, .. }) => {
                         let need = rounded.map_or(1u128 << 64, |s| s as u128);
                         assert!(rounded.is_none() || Some(size) == rounded);
-                        assert!(
-                            rounded.is_none()
-                                || !(wraps(host, size) || guest.is_some_and(|g| wraps(g, size)))
-                        );
-                        assert_eq!(
-                            best_fit(&live, uf, ul, need),
-                            None,
-                            "exhausted with a {need:#x} hole free"
-                        );
+                        assert!(rounded.is_none() || !(wraps(host, size) || guest.is_some_and(|g| wraps(g, size))));
+                        assert_eq!(best_fit(&live, uf, ul, need), None, "exhausted with a {need:#x} hole free");
                     }
                     Err(e) => panic!("alloc({sz:#x}): unexpected {e:?}"),
                 }
@@ -216,22 +189,11 @@ pub fn run(data: &[u8]) {
                     Some("ZeroSize")
                 } else if iova % P != 0 {
                     Some("Misaligned")
-                } else if rounded.is_none()
-                    || end.is_none()
-                    || iova < uf
-                    || end.is_some_and(|e| e > ul)
-                {
+                } else if rounded.is_none() || end.is_none() || iova < uf || end.is_some_and(|e| e > ul) {
                     Some("OutOfRange")
-                } else if [Some(host), guest]
-                    .into_iter()
-                    .flatten()
-                    .any(|x| x.checked_add(rounded.unwrap_or(0) - 1).is_none())
-                {
+                } else if [Some(host), guest].into_iter().flatten().any(|x| x.checked_add(rounded.unwrap_or(0) - 1).is_none()) {
                     Some("Overflow")
-                } else if live
-                    .iter()
-                    .any(|m| m.iova <= end.unwrap() && iova <= m.last_iova())
-                {
+                } else if live.iter().any(|m| m.iova <= end.unwrap() && iova <= m.last_iova()) {
                     Some("Overlap")
                 } else {
                     None
@@ -260,11 +222,7 @@ pub fn run(data: &[u8]) {
             }
             4 => {
                 let q = probe(&mut inp, &live, uf, ul, |m| Some(m.iova));
-                assert_eq!(
-                    a.find(q),
-                    live.iter().find(|m| m.contains(q)),
-                    "find({q:#x})"
-                );
+                assert_eq!(a.find(q), live.iter().find(|m| m.contains(q)), "find({q:#x})");
             }
             5 | 6 => {
                 let guest = inp.bool();
@@ -276,32 +234,17 @@ pub fn run(data: &[u8]) {
                     }
                 };
                 let q = probe(&mut inp, &live, uf, ul, key);
-                let got = if guest {
-                    a.iova_of_guest(q)
-                } else {
-                    a.iova_of_host(q)
-                };
+                let got = if guest { a.iova_of_guest(q) } else { a.iova_of_host(q) };
                 let cands = reverse(&live, q, key);
                 match got {
-                    None => assert!(
-                        cands.is_empty(),
-                        "{} {q:#x} missed {cands:x?}",
-                        if guest { "guest" } else { "host" }
-                    ),
-                    Some(i) => assert!(
-                        cands.contains(&i),
-                        "{} {q:#x} -> {i:#x}, model {cands:x?}",
-                        if guest { "guest" } else { "host" }
-                    ),
+                    None => assert!(cands.is_empty(), "{} {q:#x} missed {cands:x?}", if guest { "guest" } else { "host" }),
+                    Some(i) => assert!(cands.contains(&i), "{} {q:#x} -> {i:#x}, model {cands:x?}", if guest { "guest" } else { "host" }),
                 }
             }
             _ => {
                 assert_eq!(a.len(), live.len());
                 assert_eq!(a.is_empty(), live.is_empty());
-                assert_eq!(
-                    a.mapped_bytes() as u128,
-                    live.iter().map(|m| m.size as u128).sum::<u128>()
-                );
+                assert_eq!(a.mapped_bytes() as u128, live.iter().map(|m| m.size as u128).sum::<u128>());
                 let mut want = live.clone();
                 want.sort_by_key(|m| m.iova);
                 assert!(a.iter().copied().eq(want));
@@ -319,26 +262,15 @@ pub fn run(data: &[u8]) {
     }
     assert!(a.is_empty());
     assert_eq!(a.mapped_bytes(), 0);
-    let whole = a
-        .alloc(ul - uf + 1, 0, None, Perm::ReadWrite)
-        .expect("the whole range is free again");
+    let whole = a.alloc(ul - uf + 1, 0, None, Perm::ReadWrite).expect("the whole range is free again");
     assert_eq!((whole.iova, whole.last_iova()), (uf, ul));
 }
 
 /// An address to look up: at, just before, inside or just past a live mapping's range
 /// (under `key`), or from a neighbourhood.
-fn probe(
-    inp: &mut Input,
-    live: &[Mapping],
-    uf: u64,
-    ul: u64,
-    key: impl Fn(&Mapping) -> Option<u64>,
-) -> u64 {
+fn probe(inp: &mut Input, live: &[Mapping], uf: u64, ul: u64, key: impl Fn(&Mapping) -> Option<u64>) -> u64 {
     let sel = inp.u8();
-    match live
-        .get(sel as usize % live.len().max(1))
-        .and_then(|m| Some((m, key(m)?)))
-    {
+    match live.get(sel as usize % live.len().max(1)).and_then(|m| Some((m, key(m)?))) {
         Some((m, base)) if sel & 0x80 == 0 => match sel % 4 {
             0 => base,
             1 => base.wrapping_sub(1),

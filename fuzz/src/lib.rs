@@ -23,7 +23,6 @@ pub mod ctrl_command;
 pub mod iova_ops;
 pub mod pop_guest_ring;
 pub mod reap_used_ring;
-pub mod testring;
 
 /// A cursor over the fuzzer's bytes; reads past the end give zeros.
 #[derive(Debug, Clone)]
@@ -77,10 +76,7 @@ pub fn tracing() -> bool {
 pub fn replay_main(f: fn(&[u8])) {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() {
-        eprintln!(
-            "usage: {} FILE_OR_DIR...",
-            std::env::args().next().unwrap_or_default()
-        );
+        eprintln!("usage: {} FILE_OR_DIR...", std::env::args().next().unwrap_or_default());
         std::process::exit(2);
     }
     let mut n = 0;

@@ -17,16 +17,12 @@ use svq::mem::GuestMemory;
 use svq::ring::layout::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use svq::ring::{BufferSpace, Chain, ChainError, Descriptor, RingReader, Segment, Vring};
 
-use crate::testring::HeapRing;
 use crate::Input;
+use svq::ring::mock::HeapRing;
 
 /// Guest memory: `(gpa, size, device-writable)`. The first two are adjacent (a buffer
 /// may straddle them); the third stands alone and, in the fake, is read-only.
-pub const REGIONS: [(u64, u64, bool); 3] = [
-    (0x1_0000, 0x1_0000, true),
-    (0x2_0000, 0x1_0000, true),
-    (0x4_0000, 0x8000, false),
-];
+pub const REGIONS: [(u64, u64, bool); 3] = [(0x1_0000, 0x1_0000, true), (0x2_0000, 0x1_0000, true), (0x4_0000, 0x8000, false)];
 
 /// An indirect table the input placed in memory.
 #[derive(Debug, Clone, Copy)]
@@ -52,8 +48,7 @@ impl Model {
         // Walk the (sorted) regions, requiring each byte to be covered.
         let mut cur = addr;
         while cur < end {
-            let Some(&(gpa, size, w)) = REGIONS.iter().find(|(g, s, _)| cur >= *g && cur < g + s)
-            else {
+            let Some(&(gpa, size, w)) = REGIONS.iter().find(|(g, s, _)| cur >= *g && cur < g + s) else {
                 return false;
             };
             if write && self.read_only && !w {
@@ -139,11 +134,7 @@ fn desc(inp: &mut Input, tables: &[Table]) -> Descriptor {
 /// whether an indirect table was used))` or `Err(what)`.
 type Walk = Result<(Vec<(u64, u32, bool)>, bool), &'static str>;
 
-fn push_seg(
-    mem: &Model,
-    d: Descriptor,
-    segs: &mut Vec<(u64, u32, bool)>,
-) -> Result<(), &'static str> {
+fn push_seg(mem: &Model, d: Descriptor, segs: &mut Vec<(u64, u32, bool)>) -> Result<(), &'static str> {
     let write = d.flags() & VRING_DESC_F_WRITE != 0;
     if d.is_empty() {
         return Err("zero length");
@@ -177,12 +168,7 @@ fn model_walk(ring: &Vring, mem: &Model, indirect_ok: bool, head: u16) -> Walk {
                 return Err("indirect not allowed here");
             }
             let (addr, len) = (d.addr(), d.len());
-            if len == 0
-                || len % 16 != 0
-                || len / 16 > size as u32
-                || addr % 16 != 0
-                || !mem.check(addr, len as u64, false)
-            {
+            if len == 0 || len % 16 != 0 || len / 16 > size as u32 || addr % 16 != 0 || !mem.check(addr, len as u64, false) {
                 return Err("bad indirect table");
             }
             let n = len / 16;
@@ -221,45 +207,24 @@ fn model_walk(ring: &Vring, mem: &Model, indirect_ok: bool, head: u16) -> Walk {
 fn check_chain(mem: &Model, size: u16, chain: &Chain, want: &Walk) {
     let (segs, via_table) = match want {
         Ok(w) => w,
-        Err(why) => panic!(
-            "svq accepted chain {} that the model refuses ({why}): {chain:?}",
-            chain.head
-        ),
+        Err(why) => panic!("svq accepted chain {} that the model refuses ({why}): {chain:?}", chain.head),
     };
-    let got: Vec<(u64, u32, bool)> = chain
-        .out
-        .iter()
-        .map(|s| (s.addr, s.len, false))
-        .chain(chain.inn.iter().map(|s| (s.addr, s.len, true)))
-        .collect();
+    let got: Vec<(u64, u32, bool)> =
+        chain.out.iter().map(|s| (s.addr, s.len, false)).chain(chain.inn.iter().map(|s| (s.addr, s.len, true))).collect();
     assert_eq!(&got, segs, "chain {} differs from the model", chain.head);
     let sum = |v: &[Segment]| v.iter().map(|s| s.len as u64).sum::<u64>();
     assert_eq!(chain.out_len, sum(&chain.out));
     assert_eq!(chain.in_len, sum(&chain.inn));
-    for (s, write) in chain
-        .out
-        .iter()
-        .map(|s| (s, false))
-        .chain(chain.inn.iter().map(|s| (s, true)))
-    {
+    for (s, write) in chain.out.iter().map(|s| (s, false)).chain(chain.inn.iter().map(|s| (s, true))) {
         assert!(s.len > 0, "zero-length segment {s:?}");
-        assert!(
-            mem.check(s.addr, s.len as u64, write),
-            "segment {s:?} outside memory"
-        );
+        assert!(mem.check(s.addr, s.len as u64, write), "segment {s:?} outside memory");
     }
     let n = got.len();
     if !via_table {
-        assert!(
-            n <= size as usize,
-            "direct chain of {n} segments in a queue of {size}"
-        );
+        assert!(n <= size as usize, "direct chain of {n} segments in a queue of {size}");
     } else {
         // Direct descriptors, then one table of at most `size` entries.
-        assert!(
-            n < 2 * size as usize,
-            "chain of {n} segments in a queue of {size}"
-        );
+        assert!(n < 2 * size as usize, "chain of {n} segments in a queue of {size}");
     }
 }
 
@@ -271,21 +236,14 @@ pub fn run(data: &[u8]) {
     let (event_idx, indirect, real_mem) = (flags & 1 != 0, flags & 2 != 0, flags & 4 != 0);
     let base = inp.u16();
 
-    let mut model = Model {
-        read_only: !real_mem,
-        slots: HashMap::new(),
-    };
+    let mut model = Model { read_only: !real_mem, slots: HashMap::new() };
     let mut tables = Vec::new();
     for _ in 0..inp.u8() % 5 {
         let (gpa, rsize, _) = REGIONS[inp.u8() as usize % 3];
         let addr = gpa + (inp.u16() as u64 * 16) % rsize;
         // A few entries, or around the queue size (the most a table may hold).
         let e = inp.u8();
-        let entries = if e & 0x80 != 0 {
-            (size as u32 + (e & 3) as u32).saturating_sub(1)
-        } else {
-            (e % 20) as u32
-        };
+        let entries = if e & 0x80 != 0 { (size as u32 + (e & 3) as u32).saturating_sub(1) } else { (e % 20) as u32 };
         let snapshot = tables.clone();
         for i in 0..entries {
             let d = desc(&mut inp, &snapshot);
@@ -297,8 +255,8 @@ pub fn run(data: &[u8]) {
         tables.push(Table { addr, entries });
     }
 
-    let hr = HeapRing::new(size);
-    let ring = hr.ring;
+    let hr = HeapRing::new(size).expect("power-of-two queue size");
+    let ring = hr.ring();
     for i in 0..size {
         ring.set_desc(i, desc(&mut inp, &tables));
     }
@@ -320,8 +278,7 @@ pub fn run(data: &[u8]) {
     let gm = real_mem.then(guest_memory);
     if let Some(gm) = gm {
         for (&a, &d) in &model.slots {
-            gm.write(a, &desc_bytes(d))
-                .expect("slot inside guest memory");
+            gm.write(a, &desc_bytes(d)).expect("slot inside guest memory");
         }
     }
 
@@ -341,10 +298,7 @@ pub fn run(data: &[u8]) {
                 };
                 last_ok = None;
                 if pending > size {
-                    assert!(
-                        matches!(got, Err(ChainError::AvailIdxJump { .. })),
-                        "pending {pending} of {size}: {got:?}"
-                    );
+                    assert!(matches!(got, Err(ChainError::AvailIdxJump { .. })), "pending {pending} of {size}: {got:?}");
                     assert_eq!(r.last_avail(), last, "an index jump consumed a chain");
                     break;
                 }
@@ -356,20 +310,12 @@ pub fn run(data: &[u8]) {
                     }
                     continue;
                 }
-                assert_eq!(
-                    r.last_avail(),
-                    last.wrapping_add(1),
-                    "pop did not consume exactly one entry"
-                );
+                assert_eq!(r.last_avail(), last.wrapping_add(1), "pop did not consume exactly one entry");
                 let head = ring.avail_entry(last);
                 let want = model_walk(&ring, &model, indirect, head);
                 match got {
                     Ok(true) => {
-                        trace!(
-                            "pop: chain {head}: {} out, {} in",
-                            chain.out.len(),
-                            chain.inn.len()
-                        );
+                        trace!("pop: chain {head}: {} out, {} in", chain.out.len(), chain.inn.len());
                         assert_eq!(chain.head, head);
                         check_chain(&model, size, &chain, &want);
                         last_ok = Some(head);
@@ -377,10 +323,7 @@ pub fn run(data: &[u8]) {
                     Ok(false) => panic!("pop reported an empty ring with {pending} pending"),
                     Err(e) => {
                         trace!("pop: {e}");
-                        assert!(
-                            want.is_err(),
-                            "svq refused chain {head} ({e}) that the model accepts: {want:?}"
-                        );
+                        assert!(want.is_err(), "svq refused chain {head} ({e}) that the model accepts: {want:?}");
                         assert!(!matches!(e, ChainError::AvailIdxJump { .. }));
                     }
                 }

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use svq::ring::layout::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use svq::ring::{Buf, Descriptor, RingFull, RingWriter, UsedError, Vring};
 
-use crate::testring::HeapRing;
 use crate::Input;
+use svq::ring::mock::HeapRing;
 
 /// One chain in flight, as the harness remembers it.
 #[derive(Debug)]
@@ -34,10 +34,7 @@ struct Model {
 
 impl Model {
     fn owner_of(&self, d: u16) -> Option<u16> {
-        self.flights
-            .iter()
-            .find(|(_, f)| f.descs.contains(&d))
-            .map(|(h, _)| *h)
+        self.flights.iter().find(|(_, f)| f.descs.contains(&d)).map(|(h, _)| *h)
     }
 
     /// What `pop_used` must return given what the device wrote.
@@ -48,28 +45,17 @@ impl Model {
             return Ok(None);
         }
         if pending > self.size {
-            return Err(UsedError::UsedIdxJump {
-                last: self.last_used,
-                idx,
-                size: self.size,
-            });
+            return Err(UsedError::UsedIdxJump { last: self.last_used, idx, size: self.size });
         }
         let (id, len) = ring.used_entry(self.last_used);
         if id >= self.size as u32 {
-            return Err(UsedError::IdOutOfRange {
-                id,
-                size: self.size,
-            });
+            return Err(UsedError::IdOutOfRange { id, size: self.size });
         }
         let Some(f) = self.flights.get(&(id as u16)) else {
             return Err(UsedError::IdNotInFlight { id });
         };
         if len as u64 > f.writable {
-            return Err(UsedError::LenTooLarge {
-                id,
-                len,
-                writable: f.writable.min(u32::MAX as u64) as u32,
-            });
+            return Err(UsedError::LenTooLarge { id, len, writable: f.writable.min(u32::MAX as u64) as u32 });
         }
         Ok(Some((id as u16, len)))
     }
@@ -77,10 +63,7 @@ impl Model {
     fn check(&self, w: &RingWriter) {
         assert_eq!(w.num_free(), self.free, "free descriptor count");
         assert_eq!(w.in_flight(), self.flights.len(), "chains in flight");
-        assert!(
-            w.in_flight_heads().eq(self.flights.keys().copied()),
-            "in-flight heads"
-        );
+        assert!(w.in_flight_heads().eq(self.flights.keys().copied()), "in-flight heads");
         let used: usize = self.flights.values().map(|f| f.descs.len()).sum();
         assert_eq!(used + self.free as usize, self.size as usize);
     }
@@ -101,13 +84,8 @@ fn check_added(ring: &Vring, model: &Model, head: u16, bufs: &[Buf]) -> Vec<u16>
         descs.push(i);
         let d = ring.desc(i);
         let last = k + 1 == bufs.len();
-        let want = (if b.write { VRING_DESC_F_WRITE } else { 0 })
-            | (if last { 0 } else { VRING_DESC_F_NEXT });
-        assert_eq!(
-            (d.addr(), d.len(), d.flags()),
-            (b.addr, b.len, want),
-            "descriptor {i} of chain {head}"
-        );
+        let want = (if b.write { VRING_DESC_F_WRITE } else { 0 }) | (if last { 0 } else { VRING_DESC_F_NEXT });
+        assert_eq!((d.addr(), d.len(), d.flags()), (b.addr, b.len, want), "descriptor {i} of chain {head}");
         i = d.next();
     }
     descs
@@ -115,24 +93,12 @@ fn check_added(ring: &Vring, model: &Model, head: u16, bufs: &[Buf]) -> Vec<u16>
 
 fn bufs(inp: &mut Input) -> Vec<Buf> {
     let c = inp.u8();
-    let n = if c & 0x80 != 0 {
-        inp.u8() as usize
-    } else {
-        (c % 6) as usize
-    };
+    let n = if c & 0x80 != 0 { inp.u8() as usize } else { (c % 6) as usize };
     (0..n)
         .map(|_| {
             let m = inp.u8();
-            let len = if m & 0x80 != 0 {
-                inp.u32()
-            } else {
-                (m & 0x3f) as u32 * 64 + 1
-            };
-            Buf {
-                addr: inp.u16() as u64 * 16,
-                len,
-                write: m & 0x40 != 0,
-            }
+            let len = if m & 0x80 != 0 { inp.u32() } else { (m & 0x3f) as u32 * 64 + 1 };
+            Buf { addr: inp.u16() as u64 * 16, len, write: m & 0x40 != 0 }
         })
         .collect()
 }
@@ -143,15 +109,10 @@ pub fn run(data: &[u8]) {
     let size = 1u16 << (inp.u8() % 9);
     let base = inp.u16();
     let event_idx = inp.bool();
-    let hr = HeapRing::new(size);
-    let ring = hr.ring;
+    let hr = HeapRing::new(size).expect("power-of-two queue size");
+    let ring = hr.ring();
     let mut w = RingWriter::new(ring, base, event_idx);
-    let mut m = Model {
-        size,
-        free: size,
-        last_used: base,
-        flights: BTreeMap::new(),
-    };
+    let mut m = Model { size, free: size, last_used: base, flights: BTreeMap::new() };
     m.check(&w);
 
     for _ in 0..1024 {
@@ -163,71 +124,31 @@ pub fn run(data: &[u8]) {
                 let b = bufs(&mut inp);
                 match w.add(&b) {
                     Ok(head) => {
-                        assert!(
-                            !b.is_empty() && b.len() <= m.free as usize,
-                            "add accepted {} bufs with {} free",
-                            b.len(),
-                            m.free
-                        );
-                        assert!(
-                            !m.flights.contains_key(&head),
-                            "head {head} is already in flight"
-                        );
+                        assert!(!b.is_empty() && b.len() <= m.free as usize, "add accepted {} bufs with {} free", b.len(), m.free);
+                        assert!(!m.flights.contains_key(&head), "head {head} is already in flight");
                         let descs = check_added(&ring, &m, head, &b);
                         let writable = b.iter().filter(|b| b.write).map(|b| b.len as u64).sum();
                         m.free -= descs.len() as u16;
                         m.flights.insert(head, Flight { writable, descs });
                     }
                     Err(e) => {
-                        assert_eq!(
-                            e,
-                            RingFull {
-                                needed: b.len(),
-                                free: m.free,
-                                size
-                            }
-                        );
-                        assert!(
-                            b.is_empty() || b.len() > m.free as usize,
-                            "add refused {} bufs with {} free",
-                            b.len(),
-                            m.free
-                        );
+                        assert_eq!(e, RingFull { needed: b.len(), free: m.free, size });
+                        assert!(b.is_empty() || b.len() > m.free as usize, "add refused {} bufs with {} free", b.len(), m.free);
                     }
                 }
             }
             2 => {
-                let (table, entries, writable) = (
-                    inp.u16() as u64 * 16,
-                    inp.u16() as u32 % 4096 + 1,
-                    inp.u32(),
-                );
+                let (table, entries, writable) = (inp.u16() as u64 * 16, inp.u16() as u32 % 4096 + 1, inp.u32());
                 match w.add_indirect(table, entries, writable) {
                     Ok(head) => {
                         assert!(m.free > 0);
                         assert!(m.owner_of(head).is_none(), "indirect head {head} is in use");
                         let d = ring.desc(head);
-                        assert_eq!(
-                            (d.addr(), d.len(), d.flags()),
-                            (table, entries * 16, VRING_DESC_F_INDIRECT)
-                        );
+                        assert_eq!((d.addr(), d.len(), d.flags()), (table, entries * 16, VRING_DESC_F_INDIRECT));
                         m.free -= 1;
-                        m.flights.insert(
-                            head,
-                            Flight {
-                                writable: writable as u64,
-                                descs: vec![head],
-                            },
-                        );
+                        m.flights.insert(head, Flight { writable: writable as u64, descs: vec![head] });
                     }
-                    Err(e) => assert_eq!(
-                        e,
-                        RingFull {
-                            needed: 1,
-                            free: 0,
-                            size
-                        }
-                    ),
+                    Err(e) => assert_eq!(e, RingFull { needed: 1, free: 0, size }),
                 }
             }
             3 => {
@@ -257,10 +178,7 @@ pub fn run(data: &[u8]) {
                     Some(&h) if sel & 0x80 == 0 => h as u32,
                     _ => inp.u32() % (2 * size as u32 + 1),
                 };
-                let wr = m
-                    .flights
-                    .get(&(id as u16))
-                    .map_or(0, |f| f.writable.min(u32::MAX as u64) as u32);
+                let wr = m.flights.get(&(id as u16)).map_or(0, |f| f.writable.min(u32::MAX as u64) as u32);
                 let len = match inp.u8() % 4 {
                     0 => wr,
                     1 => wr.wrapping_add(1),
@@ -294,11 +212,7 @@ pub fn run(data: &[u8]) {
                 if inp.bool() {
                     let sel = inp.u16();
                     let heads: Vec<u16> = m.flights.keys().copied().collect();
-                    let head = if sel & 0x8000 == 0 && !heads.is_empty() {
-                        heads[sel as usize % heads.len()]
-                    } else {
-                        sel
-                    };
+                    let head = if sel & 0x8000 == 0 && !heads.is_empty() { heads[sel as usize % heads.len()] } else { sel };
                     let was = m.flights.remove(&head);
                     assert_eq!(w.reclaim(head), was.is_some(), "reclaim({head})");
                     if let Some(f) = was {
@@ -306,10 +220,7 @@ pub fn run(data: &[u8]) {
                     }
                 } else {
                     let i = inp.u8() as u16 & (size - 1);
-                    ring.set_desc(
-                        i,
-                        Descriptor::new(inp.u64(), inp.u32(), inp.u16(), inp.u16()),
-                    );
+                    ring.set_desc(i, Descriptor::new(inp.u64(), inp.u32(), inp.u16(), inp.u16()));
                 }
             }
         }

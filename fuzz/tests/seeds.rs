@@ -6,9 +6,7 @@
 use std::path::PathBuf;
 
 fn seeds(target: &str, f: fn(&[u8])) {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("corpus")
-        .join(target);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -26,17 +24,9 @@ fn seeds(target: &str, f: fn(&[u8])) {
 /// Random inputs: random bytes, and seeds with random bytes spliced in (closer to what a
 /// fuzzer mutates, so deeper paths are reached than with noise alone).
 fn smoke(target: &str, f: fn(&[u8])) {
-    let n: usize = std::env::var("SVQ_FUZZ_SMOKE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3000);
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("corpus")
-        .join(target);
-    let mut bases: Vec<Vec<u8>> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
-        .collect();
+    let n: usize = std::env::var("SVQ_FUZZ_SMOKE").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+    let mut bases: Vec<Vec<u8>> = std::fs::read_dir(&dir).unwrap().map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
     bases.sort();
     let mut s = 0x9e37_79b9_7f4a_7c15u64 ^ target.len() as u64;
     let mut next = move || {
@@ -62,10 +52,7 @@ fn smoke(target: &str, f: fn(&[u8])) {
         if r.is_err() {
             let path = std::env::temp_dir().join(format!("svq-fuzz-{target}-{i}"));
             std::fs::write(&path, &data).unwrap();
-            panic!(
-                "{target}: random input {i} failed; saved to {}",
-                path.display()
-            );
+            panic!("{target}: random input {i} failed; saved to {}", path.display());
         }
     }
 }

@@ -14,8 +14,10 @@ The hot path is Rust; this package chooses modes and orchestrates devices.
 True
 """
 
-from . import net
+from . import net, types
 from ._native import (
+    FAULT_RULES,
+    DeviceBusyError,
     DeviceNeedsResetError,
     DeviceProtocolError,
     ElementTooLargeError,
@@ -33,8 +35,10 @@ from .device import Device, open_device
 from .session import CopyStrategy, Driver, Mode, Session
 
 __all__ = [
+    "FAULT_RULES",
     "CopyStrategy",
     "Device",
+    "DeviceBusyError",
     "DeviceNeedsResetError",
     "DeviceProtocolError",
     "Driver",
@@ -52,4 +56,5 @@ __all__ = [
     "live_resources",
     "net",
     "open_device",
+    "types",
 ]

@@ -235,7 +235,7 @@ class PyRingWriter:
             U16.pack_into(r.buf, r.used_event, self.last_used)
         else:
             U16.pack_into(r.buf, r.avail, 0)
-        return U16.unpack_from(r.buf, r.used + 2)[0] != self.last_used
+        return bool(U16.unpack_from(r.buf, r.used + 2)[0] != self.last_used)
 
     def disable_cb(self) -> None:
         if not self.event_idx:
@@ -310,7 +310,7 @@ class PyRingReader:
             U16.pack_into(r.buf, r.avail_event, self.last_avail)
         else:
             U16.pack_into(r.buf, r.used, 0)
-        return U16.unpack_from(r.buf, r.avail + 2)[0] != self.last_avail
+        return bool(U16.unpack_from(r.buf, r.avail + 2)[0] != self.last_avail)
 
     def disable_notify(self) -> None:
         if not self.event_idx:
@@ -349,8 +349,8 @@ class PyShadowVirtqueue:
 
     def _translate(self, head: int, segs: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
         out = []
-        for addr, length, write in segs:
-            end = addr + length
+        for start, length, write in segs:
+            addr, end = start, start + length
             while addr < end:
                 for gpa, size, iova in self.regions:
                     if gpa <= addr < gpa + size:
@@ -575,8 +575,12 @@ def iova_rows(p: Plan) -> list[Row]:
         )
     lo, hi = min(figs), max(figs)
     if hi > lo:
-        pair = lambda f: f["svq_alloc_ns"] + f["svq_free_ns"]  # noqa: E731
-        peer_pair = lambda f: f["peer_alloc_ns"] + f["peer_free_ns"]  # noqa: E731
+        def pair(f: dict[str, Any]) -> float:
+            return float(f["svq_alloc_ns"] + f["svq_free_ns"])
+
+        def peer_pair(f: dict[str, Any]) -> float:
+            return float(f["peer_alloc_ns"] + f["peer_free_ns"])
+
         log_growth = math.log2(hi) / math.log2(lo)
         rows.append(
             _row(
@@ -953,7 +957,9 @@ def table(rows: Sequence[Row], markdown: bool = False) -> str:
         return "\n".join(lines)
     w = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
     right = {1, 2, 4}
-    fmt = lambda cells: "  ".join(c.rjust(w[i]) if i in right else c.ljust(w[i]) for i, c in enumerate(cells))  # noqa: E731
+    def fmt(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w[i]) if i in right else c.ljust(w[i]) for i, c in enumerate(cells))
+
     notes = [f"  {r.name}: {r.note}" for r in rows if r.note]
     return "\n".join([fmt(head), *(fmt(b) for b in body), *(["notes:", *notes] if notes else [])])
 

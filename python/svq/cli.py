@@ -48,11 +48,28 @@ def _set_mac(s: Session, mac: str) -> int:
     return ack[0] if length == 1 else net.ACK_ERR
 
 
+def _open_class(spec: str, want: str, option: str) -> Device:
+    """Opens ``spec`` and checks it is a virtio-``want`` device (before any work)."""
+    dev = Device(spec)
+    got = dev.info()["class"]
+    if got != want:
+        dev.close()
+        raise ValueError(f"{option} {spec} is a virtio-{got} device; expected virtio-{want}")
+    return dev
+
+
 def demo(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     mode = Mode(args.mode)
     before = live_resources()["bounce_buffers"]
-    with Device(args.device) as dev:
+    # Both devices are checked up front: a wrong class fails at once, not after the loopback.
+    dev = _open_class(args.device, "net", "--device")
+    try:
+        blk_dev = _open_class(args.blk_device, "blk", "--blk-device")
+    except BaseException:
+        dev.close()
+        raise
+    with dev, blk_dev:
         with Session(
             dev, mode=mode, queue_modes={net.CTRL: Mode.COPY}, copy_strategy=args.cvq_strategy, queue_size=args.queue_size
         ) as s:
@@ -61,14 +78,14 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
             ack = _set_mac(s, DEMO_MAC_AFTER)
             mac_after = s.device.info()["config"]["mac"]
             tx = s.stats(net.TX)
-            cvq = s.cvq_info() or {}
+            cvq = s.cvq_info()
         leaked = (dev.live_mappings() or 0) + live_resources()["bounce_buffers"] - before
-    with Session(args.blk_device, mode=mode) as b:
-        client = blk.Blk(b.driver)
-        pattern = os.urandom(8 * blk.SECTOR)
-        client.write(16, pattern)
-        client.flush()
-        blk_verified = client.read(16, 8) == pattern and bool(client.get_id())
+        with Session(blk_dev, mode=mode) as b:
+            client = blk.Blk(b.driver)
+            pattern = os.urandom(8 * blk.SECTOR)
+            client.write(16, pattern)
+            client.flush()
+            blk_verified = client.read(16, 8) == pattern and bool(client.get_id())
     return {
         "device": args.device,
         "blk_device": args.blk_device,
@@ -83,11 +100,11 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
         "blk_verified": blk_verified,
         "tx_stats": tx,
         "cvq": {
-            "mode": cvq.get("mode"),
+            "mode": cvq["mode"] if cvq else None,
             "strategy": args.cvq_strategy,
-            "commands": cvq.get("commands"),
-            "acked": cvq.get("acked"),
-            "isolated": cvq.get("isolated"),
+            "commands": cvq["commands"] if cvq else None,
+            "acked": cvq["acked"] if cvq else None,
+            "isolated": cvq["isolated"] if cvq else None,
             "leaked": leaked,
         },
         "elapsed_s": round(time.perf_counter() - t0, 4),
@@ -110,7 +127,7 @@ def _print_demo(r: dict[str, Any]) -> None:
 
 
 def _demo_ok(r: dict[str, Any]) -> bool:
-    return (
+    return bool(
         r["packets_received"] == r["packets_sent"]
         and r["payload_mismatches"] == 0
         and r["mac_after"] == DEMO_MAC_AFTER

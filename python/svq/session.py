@@ -11,6 +11,7 @@ from typing import Any
 
 from . import _native
 from .device import Device
+from .types import CvqInfo, GuestRing, MappingInfo, NetState, QueueFault, QueueStats
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,7 @@ class Driver:
         return self._s.in_flight(queue)
 
     # Raw access, for tests that play a hostile guest.
-    def ring(self, queue: int) -> dict[str, int]:
+    def ring(self, queue: int) -> GuestRing:
         """Guest addresses of the queue's ring: ``desc``, ``avail``, ``used``, ``size``."""
         return self._s.guest_ring(queue)
 
@@ -134,7 +135,7 @@ class Session:
         indirect: bool = False,
         isolate_cvq: bool = True,
         track_net_state: bool = True,
-        restore: Mapping[str, Any] | None = None,
+        restore: NetState | Mapping[str, Any] | None = None,
         restore_timeout: float = 10.0,
     ) -> None:
         # Arguments first: nothing is opened for a call that cannot succeed.
@@ -183,13 +184,13 @@ class Session:
         """Each queue's mode (after any fallback)."""
         return [Mode(m) for m in self._s.modes()]
 
-    def cvq_info(self) -> dict[str, Any] | None:
+    def cvq_info(self) -> CvqInfo | None:
         """The control queue: ``queue``, ``mode``, ``isolated`` (in its own address
         space), ``asid``, ``fallback`` (why data queues were shadowed), ``commands``,
         ``acked``, ``answered_locally``. None without a control queue."""
         return self._s.cvq_info()
 
-    def net_state(self) -> dict[str, Any] | None:
+    def net_state(self) -> NetState | None:
         """The virtio-net control-plane state tracked from acknowledged commands (None
         when the control queue is not shadowed); pass it as ``restore`` to another
         session."""
@@ -197,14 +198,16 @@ class Session:
 
     def inject(self, queue: int, out: bytes, in_size: int, timeout: float = 10.0) -> tuple[int, bytes]:
         """Sends an element of svq's own on a shadowed queue and waits for it: returns
-        (used length, written bytes). Raises ``TimeoutError`` or :class:`svq.InjectError`."""
+        (used length, written bytes). Raises ``TimeoutError``, :class:`svq.InjectError`
+        (with ``rule`` when the queue broke) or :class:`svq.SessionClosedError`."""
         [(length, data)] = self._s.inject(queue, [(out, in_size)], timeout)
         return length, data
 
     def inject_many(
         self, queue: int, elements: Sequence[tuple[bytes, int]], timeout: float = 10.0
     ) -> list[tuple[int, bytes]]:
-        """Like :meth:`inject` for several elements, all in flight at once."""
+        """Like :meth:`inject` for several elements, all in flight at once; ``timeout``
+        is one deadline for all of them."""
         return self._s.inject(queue, list(elements), timeout)
 
     def add_hook(
@@ -225,21 +228,23 @@ class Session:
         """(maps, unmaps) sent to the device so far."""
         return self._s.map_counts()
 
-    def stats(self, queue: int) -> dict[str, int]:
+    def stats(self, queue: int) -> QueueStats:
         """Counters of a queue: elements, completed, bytes, kicks, calls, suppressed
         notifications, held elements, injected/answered/refused elements, map failures,
         elements returned on stop, errors. Zero for a passthrough queue."""
         return self._s.stats(queue)
 
-    def queue_fault(self, queue: int) -> tuple[str, str] | None:
-        """``(kind, message)`` of the fault that broke a queue, or None."""
+    def queue_fault(self, queue: int) -> QueueFault | None:
+        """The fault that broke a queue (``queue``, ``kind``, ``rule``, ``message``), or
+        None while it is healthy. ``rule`` names the broken rule with a stable identifier
+        (one of ``svq.FAULT_RULES``)."""
         return self._s.queue_fault(queue)
 
     def live_mappings(self) -> int:
         """Mappings svq holds on the device."""
         return self._s.live_mappings()
 
-    def mappings(self) -> list[dict[str, Any]]:
+    def mappings(self) -> list[MappingInfo]:
         """svq's live mappings: ``asid``, ``iova``, ``size``, ``guest_addr`` (None for
         shadow rings), ``perm``."""
         return self._s.mappings()
@@ -259,7 +264,11 @@ class Session:
         return self._s.closed
 
     def close(self) -> None:
-        """Stops, resets the device and unmaps everything; idempotent."""
+        """Stops, resets the device, unmaps everything and wakes every thread waiting on
+        the session (with :class:`svq.SessionClosedError`). Idempotent, and safe from any
+        thread, including from inside this session's own hook. Memory the device might
+        still reach (a reset it did not acknowledge, an unmap it refused) is kept, never
+        freed: ``svq.live_resources()["quarantined_bytes"]`` counts it."""
         try:
             self._s.close()
         finally:

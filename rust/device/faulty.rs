@@ -89,6 +89,10 @@ macro_rules! forward {
 }
 
 impl Device for FaultInjector {
+    fn identity(&self) -> usize {
+        self.inner.identity()
+    }
+
     forward! {
         device_id() -> DeviceResult<u32>;
         features() -> DeviceResult<u64>;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use nix::errno::Errno;
 
-use crate::device::Perm;
+use crate::virtio::Perm;
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -86,7 +86,8 @@ impl AddressSpace {
         let mut cur = iova;
         let mut left = len;
         while left > 0 {
-            let (start, e) = self.map.range(..=cur).next_back().filter(|(_, e)| e.last >= cur).ok_or(Fault::Unmapped { asid, iova: cur })?;
+            let (start, e) =
+                self.map.range(..=cur).next_back().filter(|(_, e)| e.last >= cur).ok_or(Fault::Unmapped { asid, iova: cur })?;
             let ok = if write { e.perm.writable() } else { e.perm.readable() };
             if !ok {
                 return Err(Fault::Permission { asid, iova: cur, access: if write { "writable" } else { "readable" } });

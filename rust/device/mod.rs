@@ -13,38 +13,6 @@ pub mod iotlb;
 pub mod sim;
 pub mod vdpa;
 
-/// Access rights of an IOTLB mapping, from the device's point of view.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Perm {
-    /// The device may read (`VHOST_ACCESS_RO`).
-    ReadOnly,
-    /// The device may write (`VHOST_ACCESS_WO`).
-    WriteOnly,
-    /// The device may read and write (`VHOST_ACCESS_RW`).
-    ReadWrite,
-}
-
-impl Perm {
-    /// The `perm` byte of a `vhost_iotlb_msg`.
-    pub fn to_uapi(self) -> u8 {
-        match self {
-            Perm::ReadOnly => 1,
-            Perm::WriteOnly => 2,
-            Perm::ReadWrite => 3,
-        }
-    }
-
-    /// Whether the device may read through a mapping with this permission.
-    pub fn readable(self) -> bool {
-        matches!(self, Perm::ReadOnly | Perm::ReadWrite)
-    }
-
-    /// Whether the device may write through a mapping with this permission.
-    pub fn writable(self) -> bool {
-        matches!(self, Perm::WriteOnly | Perm::ReadWrite)
-    }
-}
-
 /// One change of a device's IOTLB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IotlbOp {
@@ -112,61 +80,7 @@ impl DeviceError {
 /// Result of a device operation.
 pub type DeviceResult<T> = Result<T, DeviceError>;
 
-/// Device status bits (virtio spec 2.1).
-pub mod status {
-    /// The guest noticed the device.
-    pub const ACKNOWLEDGE: u8 = 1;
-    /// The guest has a driver for it.
-    pub const DRIVER: u8 = 2;
-    /// The driver is set up and the device may run.
-    pub const DRIVER_OK: u8 = 4;
-    /// Feature negotiation is complete.
-    pub const FEATURES_OK: u8 = 8;
-    /// The device hit an error it cannot recover from without a reset.
-    pub const NEEDS_RESET: u8 = 0x40;
-    /// The driver gave up on the device.
-    pub const FAILED: u8 = 0x80;
-}
-
-/// Virtio device ids (virtio spec 5).
-pub mod device_id {
-    /// virtio-net.
-    pub const NET: u32 = 1;
-    /// virtio-blk.
-    pub const BLOCK: u32 = 2;
-}
-
-/// Backend (vhost) feature bits, as bit numbers.
-pub mod backend_feature {
-    /// `vhost_msg_v2` IOTLB messages.
-    pub const IOTLB_MSG_V2: u32 = 1;
-    /// BATCH_BEGIN/BATCH_END around IOTLB updates.
-    pub const IOTLB_BATCH: u32 = 2;
-    /// The `asid` field of `vhost_msg_v2`.
-    pub const IOTLB_ASID: u32 = 3;
-    /// VHOST_VDPA_SUSPEND.
-    pub const SUSPEND: u32 = 4;
-    /// VHOST_VDPA_RESUME.
-    pub const RESUME: u32 = 5;
-    /// Queues may be enabled after DRIVER_OK.
-    pub const ENABLE_AFTER_DRIVER_OK: u32 = 6;
-    /// Descriptor tables in their own group.
-    pub const DESC_ASID: u32 = 7;
-    /// Mappings survive a reset.
-    pub const IOTLB_PERSIST: u32 = 8;
-
-    /// Names by bit, for `svq info`.
-    pub const NAMES: &[(u32, &str)] = &[
-        (IOTLB_MSG_V2, "IOTLB_MSG_V2"),
-        (IOTLB_BATCH, "IOTLB_BATCH"),
-        (IOTLB_ASID, "IOTLB_ASID"),
-        (SUSPEND, "SUSPEND"),
-        (RESUME, "RESUME"),
-        (ENABLE_AFTER_DRIVER_OK, "ENABLE_AFTER_DRIVER_OK"),
-        (DESC_ASID, "DESC_ASID"),
-        (IOTLB_PERSIST, "IOTLB_PERSIST"),
-    ];
-}
+use crate::virtio::Perm;
 
 /// Everything svq asks of a vDPA device. Each method is one vhost-vdpa ioctl (or one
 /// batch of IOTLB messages); the embedded device answers with the same errnos.
@@ -231,4 +145,10 @@ pub trait Device: Send + Sync + std::fmt::Debug {
     /// Live IOTLB mappings over all address spaces, when the backend can count them (the
     /// embedded device can; the kernel does not say).
     fn live_mappings(&self) -> Option<usize>;
+
+    /// What identifies the device behind any wrappers (a session owns one device at a
+    /// time): by default the address of this value; wrappers answer their inner device's.
+    fn identity(&self) -> usize {
+        self as *const Self as *const () as usize
+    }
 }

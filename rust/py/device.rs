@@ -7,6 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
+use super::args::{U32, U64};
 use super::errors::{device_err, mem_err, SessionClosedError};
 use super::lock;
 use crate::device::faulty::{FaultInjector, FaultPoint};
@@ -156,7 +157,11 @@ impl Device {
     }
 
     /// Reads `length` bytes of config space at `offset`.
-    fn config<'py>(&self, py: Python<'py>, offset: u32, length: u32) -> PyResult<Bound<'py, PyBytes>> {
+    fn config<'py>(&self, py: Python<'py>, offset: U32, length: U32) -> PyResult<Bound<'py, PyBytes>> {
+        let (offset, length) = (offset.0, length.0);
+        if length > 1 << 16 {
+            return Err(PyValueError::new_err(format!("length {length} is larger than any config space")));
+        }
         let dev = self.backend()?.dyn_device();
         let mut buf = vec![0u8; length as usize];
         py.detach(|| dev.config(offset, &mut buf)).map_err(device_err)?;
@@ -176,8 +181,10 @@ impl Device {
 
     /// Maps `size` bytes of fresh host memory at `iova` in `asid` and unmaps it again:
     /// returns None on success or raises the device's error (EEXIST on overlap).
-    fn probe_map(&self, py: Python<'_>, asid: u32, iova: u64, size: u64) -> PyResult<()> {
-        use crate::device::{IotlbOp, Perm};
+    fn probe_map(&self, py: Python<'_>, asid: U32, iova: U64, size: U64) -> PyResult<()> {
+        use crate::device::IotlbOp;
+        use crate::virtio::Perm;
+        let (asid, iova, size) = (asid.0, iova.0, size.0);
         let dev = self.backend()?.dyn_device();
         let mem = crate::mem::GuestMemory::new(&[(0, size)]).map_err(mem_err)?;
         let uaddr = mem.regions()[0].host_addr();
@@ -190,7 +197,8 @@ impl Device {
 
     /// Unmaps `[iova, iova+size)` in `asid` behind the back of any session (for tests that
     /// take memory away from a running device).
-    fn unmap(&self, py: Python<'_>, asid: u32, iova: u64, size: u64) -> PyResult<()> {
+    fn unmap(&self, py: Python<'_>, asid: U32, iova: U64, size: U64) -> PyResult<()> {
+        let (asid, iova, size) = (asid.0, iova.0, size.0);
         let dev = self.backend()?.dyn_device();
         py.detach(|| dev.iotlb(asid, &[crate::device::IotlbOp::Invalidate { iova, size }])).map_err(device_err)
     }
@@ -200,7 +208,8 @@ impl Device {
     /// "used_idx_jump", "used_idx_backwards", "len_too_large", "never_complete",
     /// "needs_reset"; None to behave again.
     #[pyo3(signature = (queue, how))]
-    fn misbehave(&self, queue: u32, how: Option<&str>) -> PyResult<()> {
+    fn misbehave(&self, queue: U32, how: Option<&str>) -> PyResult<()> {
+        let queue = queue.0;
         use crate::device::sim::Misbehaviour as M;
         let sim = self.backend()?.sim.ok_or_else(|| PyValueError::new_err("only the embedded device can misbehave on purpose"))?;
         let how = match how {
@@ -222,8 +231,8 @@ impl Device {
     /// disarms). `point` is "map" (IOTLB updates, ENOMEM), "unmap" (IOTLB invalidations,
     /// EIO) or "ioctl" (every other device call, EIO).
     #[pyo3(signature = (point, n))]
-    fn fail_at(&self, point: &str, n: u64) -> PyResult<()> {
-        self.backend()?.device.fail_at(fault_point(point)?, n);
+    fn fail_at(&self, point: &str, n: U64) -> PyResult<()> {
+        self.backend()?.device.fail_at(fault_point(point)?, n.0);
         Ok(())
     }
 

@@ -9,6 +9,7 @@ use pyo3::types::PyDict;
 
 use crate::live;
 
+mod args;
 mod device;
 mod errors;
 mod session;
@@ -18,21 +19,23 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Live resources svq holds: {"eventfds": n, "threads": n, "bounce_buffers": n}.
+/// Live resources svq holds: {"eventfds": n, "threads": n, "bounce_buffers": n,
+/// "quarantined_bytes": n} (memory kept because a device may still reach it).
 #[pyfunction]
 fn live_resources<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("eventfds", live::eventfds())?;
     d.set_item("threads", live::threads())?;
     d.set_item("bounce_buffers", crate::bounce::live_buffers())?;
+    d.set_item("quarantined_bytes", live::quarantined_bytes())?;
     Ok(d)
 }
 
 /// Fault injection: the `n`-th eventfd svq creates from now fails with EMFILE (0
 /// disarms).
 #[pyfunction]
-fn fail_eventfd_at(n: u64) {
-    crate::eventfd::fail_creation_at(n);
+fn fail_eventfd_at(n: args::U64) {
+    crate::eventfd::fail_creation_at(n.0);
 }
 
 #[pymodule]
@@ -41,6 +44,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<session::Session>()?;
     m.add_function(wrap_pyfunction!(live_resources, m)?)?;
     m.add_function(wrap_pyfunction!(fail_eventfd_at, m)?)?;
+    #[cfg(feature = "bench")]
     crate::bench::register(m)?;
     errors::register(m)?;
     Ok(())

@@ -1,18 +1,21 @@
 //! `svq._native.Session`: a session with its in-process guest driver, injection, hooks and
 //! the virtio-net state as dicts.
 
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use pyo3::exceptions::PyValueError;
+use pyo3::gc::PyVisit;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
+use pyo3::PyTraverseError;
 
+use super::args::{timeout, wait_interruptibly, Usize, U16, U32, U64};
 use super::device::Device;
-use super::errors::{driver_err, to_py};
+use super::errors::{driver_err, inject_err, to_py};
 use super::lock;
 use crate::bounce::Strategy;
-use crate::driver::DriverError;
+use crate::front::driver::DriverError;
 use crate::net::{NetState, RxMode};
 use crate::session::{Mode, Session as RustSession, SessionConfig, SessionError};
 use crate::shadow::{QueueHook, Verdict};
@@ -23,14 +26,6 @@ fn parse_mode(m: &str) -> PyResult<Mode> {
         "copy" => Ok(Mode::Copy),
         "passthrough" => Ok(Mode::Passthrough),
         m => Err(PyValueError::new_err(format!("unknown mode {m:?}: use translate, copy or passthrough"))),
-    }
-}
-
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Translate => "translate",
-        Mode::Copy => "copy",
-        Mode::Passthrough => "passthrough",
     }
 }
 
@@ -107,40 +102,54 @@ fn state_from_dict(d: &Bound<'_, PyDict>) -> PyResult<NetState> {
     Ok(st)
 }
 
+/// The callables of one Python hook. The session's Python object owns them (and shows
+/// them to the garbage collector, so a hook that refers to its own session forms a cycle
+/// Python can collect); the engine's hook only borrows them for each call.
+type HookFns = Arc<Mutex<(Option<Py<PyAny>>, Option<Py<PyAny>>)>>;
+
 /// Python policy on a queue. Runs on the engine thread, which takes the interpreter for
 /// each call; an exception in the hook is reported as unraisable and the element is
 /// forwarded unchanged.
 struct PyHook {
-    avail: Option<Py<PyAny>>,
-    used: Option<Py<PyAny>>,
+    fns: HookFns,
+}
+
+impl PyHook {
+    fn callable(&self, py: Python<'_>, used: bool) -> Option<Py<PyAny>> {
+        let fns = lock(&self.fns);
+        let f = if used { &fns.1 } else { &fns.0 };
+        f.as_ref().map(|f| f.clone_ref(py))
+    }
 }
 
 impl QueueHook for PyHook {
     fn avail(&mut self, out: &[u8], in_len: u32) -> Verdict {
-        let Some(f) = &self.avail else { return Verdict::Forward };
-        Python::attach(|py| match f.call1(py, (PyBytes::new(py, out), in_len)) {
-            Ok(r) if r.is_none(py) => Verdict::Forward,
-            Ok(r) => match r.extract::<bool>(py) {
-                Ok(false) => Verdict::Refuse,
-                Ok(true) => Verdict::Forward,
-                Err(_) => match r.extract::<Vec<u8>>(py) {
-                    Ok(bytes) => Verdict::Answer(bytes),
-                    Err(e) => {
-                        e.write_unraisable(py, Some(f.bind(py)));
-                        Verdict::Forward
-                    }
+        Python::attach(|py| {
+            let Some(f) = self.callable(py, false) else { return Verdict::Forward };
+            match f.call1(py, (PyBytes::new(py, out), in_len)) {
+                Ok(r) if r.is_none(py) => Verdict::Forward,
+                Ok(r) => match r.extract::<bool>(py) {
+                    Ok(false) => Verdict::Refuse,
+                    Ok(true) => Verdict::Forward,
+                    Err(_) => match r.extract::<Vec<u8>>(py) {
+                        Ok(bytes) => Verdict::Answer(bytes),
+                        Err(e) => {
+                            e.write_unraisable(py, Some(f.bind(py)));
+                            Verdict::Forward
+                        }
+                    },
                 },
-            },
-            Err(e) => {
-                e.write_unraisable(py, Some(f.bind(py)));
-                Verdict::Forward
+                Err(e) => {
+                    e.write_unraisable(py, Some(f.bind(py)));
+                    Verdict::Forward
+                }
             }
         })
     }
 
     fn used(&mut self, out: &[u8], written: &[u8]) {
-        let Some(f) = &self.used else { return };
         Python::attach(|py| {
+            let Some(f) = self.callable(py, true) else { return };
             if let Err(e) = f.call1(py, (PyBytes::new(py, out), PyBytes::new(py, written))) {
                 e.write_unraisable(py, Some(f.bind(py)));
             }
@@ -152,14 +161,12 @@ impl QueueHook for PyHook {
 #[pyclass(frozen, module = "svq._native")]
 pub(super) struct Session {
     inner: Mutex<Option<RustSession>>,
+    /// The Python hooks' callables (see [`HookFns`]).
+    hooks: Mutex<Vec<HookFns>>,
 }
 
 impl Session {
-    fn with<T: Send>(
-        &self,
-        py: Python<'_>,
-        f: impl FnOnce(&mut RustSession) -> Result<T, SessionError> + Send,
-    ) -> PyResult<T> {
+    fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut RustSession) -> Result<T, SessionError> + Send) -> PyResult<T> {
         py.detach(|| {
             let mut g = lock(&self.inner);
             let s = g.as_mut().ok_or(SessionError::Closed)?;
@@ -180,16 +187,9 @@ impl Drop for Session {
     }
 }
 
-fn timeout(t: f64) -> PyResult<Duration> {
-    if !(t.is_finite() && t >= 0.0) {
-        return Err(PyValueError::new_err(format!("timeout must be a finite number of seconds >= 0, got {t}")));
-    }
-    Ok(Duration::from_secs_f64(t))
-}
-
 type CompletionTuple = (u16, u32, Py<PyBytes>);
 
-fn tuples(py: Python<'_>, done: Vec<crate::driver::Completion>) -> Vec<CompletionTuple> {
+fn tuples(py: Python<'_>, done: Vec<crate::front::driver::Completion>) -> Vec<CompletionTuple> {
     done.into_iter().map(|c| (c.head, c.len, PyBytes::new(py, &c.data).unbind())).collect()
 }
 
@@ -206,17 +206,18 @@ impl Session {
         py: Python<'_>,
         device: &Device,
         mode: &str,
-        queue_size: u16,
-        memory: Vec<(u64, u64)>,
+        queue_size: U16,
+        memory: Vec<(U64, U64)>,
         event_idx: bool,
         indirect: bool,
-        queue_modes: Vec<(u32, String)>,
+        queue_modes: Vec<(U32, String)>,
         copy_strategy: &str,
         isolate_cvq: bool,
         track_net_state: bool,
         restore: Option<Bound<'_, PyDict>>,
         restore_timeout: f64,
     ) -> PyResult<Self> {
+        let queue_size = queue_size.0;
         if queue_size == 0 || !queue_size.is_power_of_two() {
             return Err(PyValueError::new_err(format!("queue_size must be a power of two, got {queue_size}")));
         }
@@ -227,10 +228,10 @@ impl Session {
         };
         let cfg = SessionConfig {
             mode: parse_mode(mode)?,
-            queue_modes: queue_modes.iter().map(|(q, m)| Ok((*q, parse_mode(m)?))).collect::<PyResult<_>>()?,
+            queue_modes: queue_modes.iter().map(|(q, m)| Ok((q.0, parse_mode(m)?))).collect::<PyResult<_>>()?,
             copy_strategy,
             queue_size,
-            memory,
+            memory: memory.into_iter().map(|(a, b)| (a.0, b.0)).collect(),
             event_idx,
             indirect,
             isolate_cvq,
@@ -240,12 +241,12 @@ impl Session {
         };
         let dev = device.backend()?.dyn_device();
         let s = py.detach(|| RustSession::start(dev, &cfg)).map_err(to_py)?;
-        Ok(Session { inner: Mutex::new(Some(s)) })
+        Ok(Session { inner: Mutex::new(Some(s)), hooks: Mutex::new(Vec::new()) })
     }
 
     /// Each queue's mode.
     fn modes(&self, py: Python<'_>) -> PyResult<Vec<&'static str>> {
-        self.with(py, |s| Ok(s.modes().iter().map(|m| mode_name(*m)).collect()))
+        self.with(py, |s| Ok(s.modes().iter().map(|m| m.name()).collect()))
     }
 
     /// Where the control queue is: dict(queue, mode, isolated, asid, fallback, commands,
@@ -254,7 +255,7 @@ impl Session {
         let Some((info, counts)) = self.with(py, |s| Ok(s.cvq().cloned().map(|c| (c, s.cvq_counts()))))? else { return Ok(None) };
         let d = PyDict::new(py);
         d.set_item("queue", info.queue)?;
-        d.set_item("mode", mode_name(info.mode))?;
+        d.set_item("mode", info.mode.name())?;
         d.set_item("isolated", info.isolated)?;
         d.set_item("asid", info.asid)?;
         d.set_item("fallback", info.fallback)?;
@@ -273,17 +274,30 @@ impl Session {
     }
 
     /// Injects elements (readable bytes, writable size) on shadowed queue `q`, all in
-    /// flight at once, and waits up to `timeout_s` for each: a list of (length, bytes).
-    /// The first failure raises after every element was waited for.
+    /// flight at once, and waits for all of them with one deadline, `timeout_s` from now:
+    /// a list of (length, bytes). The first failure raises once every element ended.
     #[pyo3(signature = (q, elements, timeout_s = 10.0))]
-    fn inject<'py>(&self, py: Python<'py>, q: u32, elements: Vec<(Vec<u8>, u32)>, timeout_s: f64) -> PyResult<Vec<(u32, Bound<'py, PyBytes>)>> {
-        let t = timeout(timeout_s)?;
+    fn inject<'py>(
+        &self,
+        py: Python<'py>,
+        q: U32,
+        elements: Vec<(Vec<u8>, U32)>,
+        timeout_s: f64,
+    ) -> PyResult<Vec<(u32, Bound<'py, PyBytes>)>> {
+        let (q, t) = (q.0, timeout(timeout_s)?);
+        let elements: Vec<(Vec<u8>, u32)> = elements.into_iter().map(|(out, n)| (out, n.0)).collect();
         let slots = self.with(py, |s| s.inject_many(q, elements))?;
-        let results: Vec<Result<(u32, Vec<u8>), SessionError>> =
-            py.detach(|| slots.iter().map(|slot| RustSession::wait_injected(q, slot, t)).collect());
+        let deadline = Instant::now() + t;
+        let mut results = Vec::with_capacity(slots.len());
+        for (i, slot) in slots.iter().enumerate() {
+            match wait_interruptibly(py, deadline, |until| slot.wait_until(until))? {
+                Some(r) => results.push(r),
+                None => return Err(to_py(SessionError::Timeout { queue: q, pending: slots.len() - i, timeout: t })),
+            }
+        }
         let mut out = Vec::with_capacity(results.len());
         for r in results {
-            let (len, data) = r.map_err(to_py)?;
+            let (len, data) = r.map_err(inject_err)?;
             out.push((len, PyBytes::new(py, &data)));
         }
         Ok(out)
@@ -294,12 +308,19 @@ impl Session {
     /// answer the element with, or False to refuse it; `used(out: bytes, written: bytes)`
     /// sees each completion.
     #[pyo3(signature = (q, avail = None, used = None))]
-    fn add_hook(&self, py: Python<'_>, q: u32, avail: Option<Py<PyAny>>, used: Option<Py<PyAny>>) -> PyResult<()> {
-        let hook = Box::new(PyHook { avail, used });
+    fn add_hook(&self, py: Python<'_>, q: U32, avail: Option<Py<PyAny>>, used: Option<Py<PyAny>>) -> PyResult<()> {
+        let q = q.0;
+        let fns: HookFns = Arc::new(Mutex::new((avail, used)));
+        let hook = Box::new(PyHook { fns: fns.clone() });
         let done = self.with(py, move |s| s.add_hook(q, hook))?;
+        lock(&self.hooks).push(fns);
         // Wait with neither the session lock nor the interpreter held: the engine may be
         // inside another hook, waiting for the interpreter.
-        py.detach(|| RustSession::wait_injected(q, &done, Duration::from_secs(10))).map(drop).map_err(to_py)
+        let deadline = Instant::now() + Duration::from_secs(10);
+        match wait_interruptibly(py, deadline, |until| done.wait_until(until))? {
+            Some(r) => r.map(drop).map_err(inject_err),
+            None => Err(to_py(SessionError::Timeout { queue: q, pending: 1, timeout: Duration::from_secs(10) })),
+        }
     }
 
     /// (maps, unmaps) sent to the device so far.
@@ -327,10 +348,14 @@ impl Session {
 
     /// Posts one device-readable chain per buffer on queue `q` (each split into
     /// `segments` descriptors) and kicks once.
-    #[pyo3(signature = (q, buffers, segments = 1, indirect = false))]
-    fn send(&self, py: Python<'_>, q: u32, buffers: Vec<Vec<u8>>, segments: usize, indirect: bool) -> PyResult<Vec<u16>> {
+    #[pyo3(signature = (q, buffers, segments = Usize(1), indirect = false), text_signature = "($self, q, buffers, segments=1, indirect=False)")]
+    fn send(&self, py: Python<'_>, q: U32, buffers: Vec<Vec<u8>>, segments: Usize, indirect: bool) -> PyResult<Vec<u16>> {
+        let (q, segments) = (q.0, segments.0);
         if segments == 0 {
             return Err(PyValueError::new_err("segments must be >= 1"));
+        }
+        if buffers.iter().any(Vec::is_empty) {
+            return Err(PyValueError::new_err("a buffer of 0 bytes cannot be sent: virtio forbids zero-length descriptors"));
         }
         self.with(py, |s| {
             let d = s.driver()?;
@@ -349,7 +374,11 @@ impl Session {
     }
 
     /// Posts `count` device-writable buffers of `size` bytes on queue `q` and kicks.
-    fn post_receive(&self, py: Python<'_>, q: u32, count: usize, size: u32) -> PyResult<()> {
+    fn post_receive(&self, py: Python<'_>, q: U32, count: Usize, size: U32) -> PyResult<()> {
+        let (q, count, size) = (q.0, count.0, size.0);
+        if size == 0 {
+            return Err(PyValueError::new_err("size must be >= 1: virtio forbids zero-length descriptors"));
+        }
         self.with(py, |s| {
             let d = s.driver()?;
             let added = (0..count).try_for_each(|_| d.add(q, &[], &[size]).map(drop));
@@ -361,7 +390,9 @@ impl Session {
 
     /// Posts one chain (readable parts, then writable buffers of the given sizes) and
     /// kicks; returns its head.
-    fn submit(&self, py: Python<'_>, q: u32, out: Vec<Vec<u8>>, in_sizes: Vec<u32>) -> PyResult<u16> {
+    fn submit(&self, py: Python<'_>, q: U32, out: Vec<Vec<u8>>, in_sizes: Vec<U32>) -> PyResult<u16> {
+        let q = q.0;
+        let in_sizes: Vec<u32> = in_sizes.into_iter().map(|n| n.0).collect();
         self.with(py, |s| {
             let d = s.driver()?;
             let parts: Vec<&[u8]> = out.iter().map(|v| v.as_slice()).collect();
@@ -373,78 +404,90 @@ impl Session {
 
     /// Waits for `count` completions on queue `q`: a list of (head, length, bytes), the
     /// bytes being the first `length` written ones, or every writable byte with `whole`.
+    /// Ctrl-C interrupts it; closing the session from another thread wakes it with
+    /// `SessionClosedError`.
     #[pyo3(signature = (q, count, timeout_s = 10.0, whole = false))]
-    fn wait(&self, py: Python<'_>, q: u32, count: usize, timeout_s: f64, whole: bool) -> PyResult<Vec<CompletionTuple>> {
-        let t = timeout(timeout_s)?;
-        let deadline = std::time::Instant::now() + t;
-        let mut done = Vec::with_capacity(count);
+    fn wait(&self, py: Python<'_>, q: U32, count: Usize, timeout_s: f64, whole: bool) -> PyResult<Vec<CompletionTuple>> {
+        let (q, count, t) = (q.0, count.0, timeout(timeout_s)?);
+        let deadline = Instant::now() + t;
+        let mut done = Vec::with_capacity(count.min(1 << 16));
         // The session is locked only while the ring is read, never while sleeping.
         while let Some(call) = self.with(py, |s| Ok(s.driver()?.wait_step(q, count, whole, &mut done)?))? {
-            let now = std::time::Instant::now();
-            if now >= deadline {
+            let woke = wait_interruptibly(py, deadline, |until| call.wait(until.saturating_duration_since(Instant::now())).then_some(()))?;
+            if woke.is_none() {
                 // What did complete is not lost: it rides on the exception.
                 let e = driver_err(DriverError::Timeout { queue: q, got: done.len(), want: count, waited: t });
                 e.value(py).setattr("completions", tuples(py, done))?;
                 return Err(e);
             }
-            py.detach(|| call.wait(deadline - now));
         }
         Ok(tuples(py, done))
     }
 
     /// Chains the guest has in flight on queue `q`.
-    fn in_flight(&self, py: Python<'_>, q: u32) -> PyResult<usize> {
-        self.with(py, |s| Ok(s.driver()?.in_flight(q)))
+    fn in_flight(&self, py: Python<'_>, q: U32) -> PyResult<usize> {
+        self.with(py, |s| {
+            let d = s.driver()?;
+            d.queue_exists(q.0)?;
+            Ok(d.in_flight(q.0))
+        })
     }
 
     /// Guest ring addresses of queue `q`: dict(desc, avail, used, size).
-    fn guest_ring<'py>(&self, py: Python<'py>, q: u32) -> PyResult<Bound<'py, PyDict>> {
+    fn guest_ring<'py>(&self, py: Python<'py>, q: U32) -> PyResult<Bound<'py, PyDict>> {
         let g = self.with(py, |s| {
-            let qs = s.driver()?.guest_queues();
-            qs.into_iter().find(|g| g.index == q).ok_or(SessionError::Driver(DriverError::NoQueue(q)))
+            s.guest_queues().iter().find(|g| g.index == q.0).cloned().ok_or(SessionError::Driver(DriverError::NoQueue(q.0)))
         })?;
         let d = PyDict::new(py);
         d.set_item("desc", g.desc)?;
         d.set_item("avail", g.avail)?;
         d.set_item("used", g.used)?;
-        d.set_item("size", g.layout.size)?;
+        d.set_item("size", g.layout.size())?;
         Ok(d)
     }
 
     /// Writes raw bytes into guest memory (for tests that play a hostile guest).
-    fn write_guest(&self, py: Python<'_>, addr: u64, data: Vec<u8>) -> PyResult<()> {
-        self.with(py, |s| Ok(s.driver()?.memory().write(addr, &data)?))
+    fn write_guest(&self, py: Python<'_>, addr: U64, data: Vec<u8>) -> PyResult<()> {
+        self.with(py, |s| Ok(s.driver()?.memory().write(addr.0, &data)?))
     }
 
     /// Reads raw bytes of guest memory.
-    fn read_guest<'py>(&self, py: Python<'py>, addr: u64, length: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let mut buf = vec![0u8; length];
-        self.with(py, |s| Ok(s.driver()?.memory().read(addr, &mut buf)?))?;
+    fn read_guest<'py>(&self, py: Python<'py>, addr: U64, length: Usize) -> PyResult<Bound<'py, PyBytes>> {
+        if length.0 > 1 << 30 {
+            return Err(PyValueError::new_err(format!("length {} is larger than 1 GiB", length.0)));
+        }
+        let mut buf = vec![0u8; length.0];
+        self.with(py, |s| Ok(s.driver()?.memory().read(addr.0, &mut buf)?))?;
         Ok(PyBytes::new(py, &buf))
     }
 
     /// Signals queue `q`'s kick eventfd unconditionally (a raw guest kick).
-    fn notify(&self, py: Python<'_>, q: u32) -> PyResult<()> {
+    fn notify(&self, py: Python<'_>, q: U32) -> PyResult<()> {
         self.with(py, |s| {
-            let qs = s.driver()?.guest_queues();
-            let g = qs.iter().find(|g| g.index == q).ok_or(SessionError::Driver(DriverError::NoQueue(q)))?;
+            let g = s.guest_queues().iter().find(|g| g.index == q.0).ok_or(SessionError::Driver(DriverError::NoQueue(q.0)))?;
             g.kick.signal();
             Ok(())
         })
     }
 
-    /// The fault that broke queue `q`: (kind, message), or None.
-    fn queue_fault(&self, py: Python<'_>, q: u32) -> PyResult<Option<(String, String)>> {
-        self.with(py, |s| {
-            let qs = s.driver()?.guest_queues();
-            let g = qs.iter().find(|g| g.index == q).ok_or(SessionError::Driver(DriverError::NoQueue(q)))?;
-            Ok(g.health.fault().map(|f| (format!("{:?}", f.kind), f.message)))
-        })
+    /// The fault that broke queue `q`: dict(queue, kind, rule, message), or None.
+    fn queue_fault<'py>(&self, py: Python<'py>, q: U32) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let fault = self.with(py, |s| {
+            let g = s.guest_queues().iter().find(|g| g.index == q.0).ok_or(SessionError::Driver(DriverError::NoQueue(q.0)))?;
+            Ok(g.health.fault())
+        })?;
+        let Some(f) = fault else { return Ok(None) };
+        let d = PyDict::new(py);
+        d.set_item("queue", f.queue)?;
+        d.set_item("kind", f.kind().name())?;
+        d.set_item("rule", f.rule())?;
+        d.set_item("message", f.to_string())?;
+        Ok(Some(d))
     }
 
     /// Counters of queue `q`.
-    fn stats<'py>(&self, py: Python<'py>, q: u32) -> PyResult<Bound<'py, PyDict>> {
-        let snap = self.with(py, |s| s.stats(q).ok_or(SessionError::Driver(DriverError::NoQueue(q))))?;
+    fn stats<'py>(&self, py: Python<'py>, q: U32) -> PyResult<Bound<'py, PyDict>> {
+        let snap = self.with(py, |s| s.stats(q.0).ok_or(SessionError::Driver(DriverError::NoQueue(q.0))))?;
         let d = PyDict::new(py);
         for (k, v) in snap {
             d.set_item(k, v)?;
@@ -489,11 +532,12 @@ impl Session {
     }
 
     /// `VHOST_GET_VRING_BASE` of queue `q`.
-    fn vring_base(&self, py: Python<'_>, q: u32) -> PyResult<u16> {
-        self.with(py, |s| s.vring_base(q))
+    fn vring_base(&self, py: Python<'_>, q: U32) -> PyResult<u16> {
+        self.with(py, |s| s.vring_base(q.0))
     }
 
-    /// Stops the engine, resets the device, unmaps everything. Idempotent.
+    /// Stops the engine, resets the device, unmaps everything and wakes every waiter.
+    /// Idempotent, and safe from any thread, a hook of this session's included.
     fn close(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| {
             let s = lock(&self.inner).take();
@@ -509,5 +553,31 @@ impl Session {
     #[getter]
     fn closed(&self, py: Python<'_>) -> bool {
         py.detach(|| lock(&self.inner).is_none())
+    }
+
+    /// Shows the hooks' callables to the garbage collector.
+    fn __traverse__(&self, visit: PyVisit<'_>) -> Result<(), PyTraverseError> {
+        // Never block here: a hook being installed or called holds the locks briefly, and
+        // skipping a round only delays a collection.
+        let Ok(hooks) = self.hooks.try_lock() else { return Ok(()) };
+        for fns in hooks.iter() {
+            if let Ok(fns) = fns.try_lock() {
+                visit.call(&fns.0)?;
+                visit.call(&fns.1)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Breaks a cycle through the hooks: the session is closed (from whatever thread the
+    /// collector runs on, the engine's included) and the callables are dropped.
+    fn __clear__(&self) {
+        let inner = lock(&self.inner).take();
+        if let Some(mut s) = inner {
+            Python::attach(|py| py.detach(move || drop(s.close())));
+        }
+        let hooks = std::mem::take(&mut *lock(&self.hooks));
+        let fns: Vec<_> = hooks.iter().map(|h| std::mem::take(&mut *lock(h))).collect();
+        drop(fns);
     }
 }

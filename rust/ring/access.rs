@@ -45,7 +45,7 @@ impl Vring {
     /// Queue size.
     #[inline]
     pub fn size(&self) -> u16 {
-        self.layout.size
+        self.layout.size()
     }
 
     #[inline]
@@ -56,11 +56,11 @@ impl Vring {
         unsafe { &*(base.as_ptr().add(off as usize) as *const AtomicU16) }
     }
 
-    /// Reads descriptor `i` (`i < size`).
+    /// Reads descriptor `i` (taken modulo the queue size, so never outside the table).
     #[inline]
     pub fn desc(&self, i: u16) -> Descriptor {
-        debug_assert!(i < self.size());
-        // SAFETY: i < size keeps the two 8-byte reads inside the table (16-aligned entries
+        let i = i & (self.size() - 1);
+        // SAFETY: i < size (masked: the size is a power of two) keeps the two 8-byte reads inside the table (16-aligned entries
         // of 16 bytes); volatile because the peer may write it concurrently. Two word
         // reads rather than one of the struct, which compiles to a copy through the stack.
         let words = unsafe {
@@ -72,14 +72,14 @@ impl Vring {
         unsafe { std::mem::transmute::<[u64; 2], Descriptor>(words) }
     }
 
-    /// Writes descriptor `i` (`i < size`).
+    /// Writes descriptor `i` (taken modulo the queue size, so never outside the table).
     #[inline]
     pub fn set_desc(&self, i: u16, d: Descriptor) {
-        debug_assert!(i < self.size());
+        let i = i & (self.size() - 1);
         // SAFETY: Descriptor is repr(C) plain integers, 16 bytes without padding, so its
         // bytes are two initialized words.
         let words = unsafe { std::mem::transmute::<Descriptor, [u64; 2]>(d) };
-        // SAFETY: i < size keeps the two 8-byte writes inside the table (16-aligned
+        // SAFETY: i < size (masked) keeps the two 8-byte writes inside the table (16-aligned
         // entries of 16 bytes); volatile because the peer reads it.
         unsafe {
             let p = (self.desc.as_ptr() as *mut [u64; 2]).add(i as usize) as *mut u64;

@@ -15,15 +15,6 @@ pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// Used flag: the device needs no kick (ignored with EVENT_IDX).
 pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
 
-/// Feature bit: indirect descriptor tables.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = 28;
-/// Feature bit: used_event / avail_event notification suppression.
-pub const VIRTIO_RING_F_EVENT_IDX: u32 = 29;
-/// Feature bit: virtio 1.x.
-pub const VIRTIO_F_VERSION_1: u32 = 32;
-/// Feature bit: the device reaches memory through an IOMMU (IOVAs, not guest addresses).
-pub const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
-
 /// The largest queue size of a split ring.
 pub const MAX_QUEUE_SIZE: u16 = 32768;
 
@@ -62,14 +53,10 @@ le_type!(Le64, u64);
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Descriptor {
-    /// Buffer address (guest address or IOVA, depending on the ring).
-    pub addr: Le64,
-    /// Buffer length in bytes.
-    pub len: Le32,
-    /// `VRING_DESC_F_*`.
-    pub flags: Le16,
-    /// Next descriptor of the chain, when `flags` has NEXT.
-    pub next: Le16,
+    addr: Le64,
+    len: Le32,
+    flags: Le16,
+    next: Le16,
 }
 
 impl Descriptor {
@@ -104,16 +91,16 @@ impl Descriptor {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UsedElem {
     /// Head of the completed chain (u32 on the wire).
-    pub id: Le32,
+    pub(super) id: Le32,
     /// Bytes the device wrote.
-    pub len: Le32,
+    pub(super) len: Le32,
 }
 
 /// Byte sizes and offsets of the three parts of a split ring of `size` entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RingLayout {
-    /// Queue size (entries).
-    pub size: u16,
+    /// Queue size (entries): a power of two, checked by [`RingLayout::new`].
+    size: u16,
 }
 
 impl RingLayout {
@@ -127,6 +114,11 @@ impl RingLayout {
     /// Layout for a queue of `size` entries; `size` must be a power of two ≤ 32768.
     pub fn new(size: u16) -> Option<Self> {
         (size != 0 && size.is_power_of_two() && size <= MAX_QUEUE_SIZE).then_some(RingLayout { size })
+    }
+    /// Queue size (entries).
+    #[inline]
+    pub fn size(&self) -> u16 {
+        self.size
     }
     /// Bytes of the descriptor table.
     pub fn desc_bytes(&self) -> u64 {

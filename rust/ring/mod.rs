@@ -4,6 +4,8 @@
 pub mod access;
 pub mod barrier;
 pub mod layout;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod mock;
 pub mod reader;
 pub mod writer;
 

@@ -4,9 +4,7 @@
 
 use super::access::Vring;
 use super::barrier;
-use super::layout::{
-    need_event, Descriptor, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
-};
+use super::layout::{need_event, Descriptor, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY};
 
 /// One buffer of a chain, in the address space of the ring (guest addresses or IOVAs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,7 +128,7 @@ pub enum ChainError {
         /// Chain head.
         head: u16,
     },
-    /// INDIRECT used without VIRTIO_RING_F_INDIRECT_DESC negotiated.
+    /// INDIRECT used without `RING_INDIRECT_DESC` negotiated.
     #[error("chain {head} uses an indirect table but INDIRECT_DESC was not negotiated")]
     IndirectNotNegotiated {
         /// Chain head.

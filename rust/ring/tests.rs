@@ -1,33 +1,8 @@
 //! The writer and the reader against each other on one ring in host memory.
 
-use std::ptr::NonNull;
-
 use super::layout::*;
+use super::mock::HeapRing;
 use super::*;
-
-/// A ring in a heap buffer, and a "memory" that accepts buffers in [0x1000, 0x100000).
-struct TestRing {
-    _mem: Vec<u128>,
-    ring: Vring,
-}
-
-fn test_ring(size: u16) -> TestRing {
-    let layout = RingLayout::new(size).unwrap();
-    let (_, a, u, total) = layout.packed_offsets();
-    let mut mem = vec![0u128; (total as usize).div_ceil(16)];
-    let base = mem.as_mut_ptr() as *mut u8;
-    // SAFETY: the three parts lie inside `mem` (packed_offsets), which outlives `ring`
-    // inside TestRing; u128 storage gives 16-byte alignment.
-    let ring = unsafe {
-        Vring::new(
-            NonNull::new(base).unwrap(),
-            NonNull::new(base.add(a as usize)).unwrap(),
-            NonNull::new(base.add(u as usize)).unwrap(),
-            layout,
-        )
-    };
-    TestRing { _mem: mem, ring }
-}
 
 struct Flat {
     tables: std::collections::HashMap<u64, Vec<Descriptor>>,
@@ -52,9 +27,9 @@ fn buf(addr: u64, len: u32, write: bool) -> Buf {
 #[test]
 fn chains_round_trip_across_index_wraparound() {
     for base in [0u16, 65500, 65535] {
-        let t = test_ring(8);
-        let mut w = RingWriter::new(t.ring, base, false);
-        let mut r = RingReader::new(t.ring, base, false, false);
+        let t = HeapRing::new(8).unwrap();
+        let mut w = RingWriter::new(t.ring(), base, false);
+        let mut r = RingReader::new(t.ring(), base, false, false);
         let mut chain = Chain::default();
         for round in 0..200u32 {
             let n = (round % 3 + 1) as usize;
@@ -76,9 +51,9 @@ fn chains_round_trip_across_index_wraparound() {
 
 #[test]
 fn full_ring_refuses_and_recovers() {
-    let t = test_ring(4);
-    let mut w = RingWriter::new(t.ring, 0, false);
-    let mut r = RingReader::new(t.ring, 0, false, false);
+    let t = HeapRing::new(4).unwrap();
+    let mut w = RingWriter::new(t.ring(), 0, false);
+    let mut r = RingReader::new(t.ring(), 0, false, false);
     let two = [buf(0x1000, 1, false), buf(0x2000, 1, true)];
     w.add(&two).unwrap();
     w.add(&two).unwrap();
@@ -95,18 +70,18 @@ fn full_ring_refuses_and_recovers() {
     w.add(&two).unwrap();
 }
 
-fn raw(t: &TestRing, descs: &[(u16, Descriptor)], heads: &[u16]) {
+fn raw(t: &HeapRing, descs: &[(u16, Descriptor)], heads: &[u16]) {
     for (i, d) in descs {
-        t.ring.set_desc(*i, *d);
+        t.ring().set_desc(*i, *d);
     }
     for (k, h) in heads.iter().enumerate() {
-        t.ring.set_avail_entry(k as u16, *h);
+        t.ring().set_avail_entry(k as u16, *h);
     }
-    t.ring.set_avail_idx(heads.len() as u16);
+    t.ring().set_avail_idx(heads.len() as u16);
 }
 
-fn pop_err(t: &TestRing, indirect: bool, mem: &Flat) -> ChainError {
-    let mut r = RingReader::new(t.ring, 0, false, indirect);
+fn pop_err(t: &HeapRing, indirect: bool, mem: &Flat) -> ChainError {
+    let mut r = RingReader::new(t.ring(), 0, false, indirect);
     r.pop(mem, &mut Chain::default()).unwrap_err()
 }
 
@@ -127,7 +102,7 @@ fn reader_refuses_what_a_hostile_driver_writes() {
         (vec![(0, d(0x8000, 32, VRING_DESC_F_INDIRECT, 0))], vec![0], |e| matches!(e, ChainError::IndirectNotNegotiated { .. })),
     ];
     for (descs, heads, ok) in cases {
-        let t = test_ring(8);
+        let t = HeapRing::new(8).unwrap();
         raw(&t, &descs, &heads);
         let e = pop_err(&t, false, &flat());
         assert!(ok(&e), "unexpected {e}");
@@ -144,9 +119,9 @@ fn indirect_tables_are_validated() {
     mem.tables.insert(0x9000, vec![d(0x1000, 8, ind, 0)]);
     mem.tables.insert(0xa000, vec![d(0x1000, 8, n, 0)]);
 
-    let t = test_ring(8);
+    let t = HeapRing::new(8).unwrap();
     raw(&t, &[(0, d(0x8000, 32, ind, 0))], &[0]);
-    let mut r = RingReader::new(t.ring, 0, false, true);
+    let mut r = RingReader::new(t.ring(), 0, false, true);
     let mut c = Chain::default();
     assert!(r.pop(&mem, &mut c).unwrap());
     assert_eq!((c.out.len(), c.inn.len(), c.in_len), (1, 1, 16));
@@ -160,7 +135,7 @@ fn indirect_tables_are_validated() {
         (d(0x20_0000, 32, ind, 0), "BadAddress"),
         (d(0x8008, 32, ind, 0), "IndirectUnreadable"),
     ] {
-        let t = test_ring(8);
+        let t = HeapRing::new(8).unwrap();
         raw(&t, &[(0, desc)], &[0]);
         let e = pop_err(&t, true, &mem);
         assert!(format!("{e:?}").starts_with(want), "{desc:?}: {e:?}");
@@ -172,29 +147,29 @@ fn an_indirect_table_after_direct_descriptors_is_refused() {
     let d = Descriptor::new;
     let mut mem = flat();
     mem.tables.insert(0x8000, vec![d(0x1000, 8, 0, 0)]);
-    let t = test_ring(8);
+    let t = HeapRing::new(8).unwrap();
     raw(&t, &[(0, d(0x1000, 8, VRING_DESC_F_NEXT, 1)), (1, d(0x8000, 16, VRING_DESC_F_INDIRECT, 0))], &[0]);
     assert!(matches!(pop_err(&t, true, &mem), ChainError::NestedIndirect { head: 0 }));
 }
 
 #[test]
 fn avail_index_jump_is_refused_without_consuming() {
-    let t = test_ring(8);
-    t.ring.set_avail_idx(9);
-    let mut r = RingReader::new(t.ring, 0, false, false);
+    let t = HeapRing::new(8).unwrap();
+    t.ring().set_avail_idx(9);
+    let mut r = RingReader::new(t.ring(), 0, false, false);
     assert!(matches!(r.pop(&flat(), &mut Chain::default()), Err(ChainError::AvailIdxJump { .. })));
     assert_eq!(r.last_avail(), 0);
 }
 
 #[test]
 fn hostile_used_entries_are_refused() {
-    let t = test_ring(8);
-    let mut w = RingWriter::new(t.ring, 0, false);
+    let t = HeapRing::new(8).unwrap();
+    let mut w = RingWriter::new(t.ring(), 0, false);
     let head = w.add(&[buf(0x1000, 4, false), buf(0x2000, 10, true)]).unwrap();
     w.publish();
     let check = |w: &mut RingWriter, id: u32, len: u32, idx: u16| {
-        t.ring.set_used_entry(0, id, len);
-        t.ring.set_used_idx(idx);
+        t.ring().set_used_entry(0, id, len);
+        t.ring().set_used_idx(idx);
         w.pop_used()
     };
     assert_eq!(check(&mut w, 8, 0, 1), Err(UsedError::IdOutOfRange { id: 8, size: 8 }));
@@ -209,9 +184,9 @@ fn hostile_used_entries_are_refused() {
 
 #[test]
 fn event_idx_suppresses_kicks_and_calls() {
-    let t = test_ring(256);
-    let mut w = RingWriter::new(t.ring, 65500, true);
-    let mut r = RingReader::new(t.ring, 65500, true, false);
+    let t = HeapRing::new(256).unwrap();
+    let mut w = RingWriter::new(t.ring(), 65500, true);
+    let mut r = RingReader::new(t.ring(), 65500, true, false);
     let mut kicks = 0;
     let mut chain = Chain::default();
     // The device asks to be kicked once, then processes in bursts of 32 without re-arming

@@ -1,8 +1,9 @@
-//! What policy can do on a shadowed queue: see each guest element and forward, answer or
-//! refuse it; see each completion; and inject elements of its own and wait for them.
+//! Policy on a shadowed queue: hooks see each guest element and forward, answer or refuse
+//! it, and see each completion.
 
-use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use super::inflight::Element;
+use super::{bump, ShadowQueue, MAX_COPY_BYTES};
+use crate::fault::Fault;
 
 /// What to do with a guest element.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,40 +26,51 @@ pub trait QueueHook: Send {
     fn used(&mut self, out: &[u8], written: &[u8]);
 }
 
-/// How an injected element ended.
-pub type InjectResult = Result<(u32, Vec<u8>), String>;
+/// A boxed hook (Debug for the queue's derive).
+pub(super) struct HookBox(pub(super) Box<dyn QueueHook>);
 
-/// The completion slot of one injected element.
-#[derive(Debug, Default)]
-pub struct InjectSlot {
-    result: Mutex<Option<InjectResult>>,
-    done: Condvar,
+impl std::fmt::Debug for HookBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("QueueHook")
+    }
 }
 
-impl InjectSlot {
-    /// Records the outcome and wakes the waiter (a late completion after a timeout is
-    /// recorded too; nobody reads it).
-    pub fn complete(&self, r: InjectResult) {
-        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
-        if g.is_none() {
-            *g = Some(r);
-        }
-        self.done.notify_all();
+impl ShadowQueue {
+    /// Adds a hook (hooks see elements in the order they were added).
+    pub fn add_hook(&mut self, hook: Box<dyn QueueHook>) {
+        self.hooks.push(HookBox(hook));
     }
 
-    /// Waits up to `timeout` (sleeping, not spinning). None on timeout.
-    pub fn wait(&self, timeout: Duration) -> Option<InjectResult> {
-        let deadline = Instant::now() + timeout;
-        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(r) = g.take() {
-                return Some(r);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            g = self.done.wait_timeout(g, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+    /// Shows a guest element to the hooks: `Some` when it goes to the device (with its
+    /// readable bytes kept for the completion's hooks), `None` when a hook completed it.
+    pub(super) fn judge(&mut self, mut el: Element) -> Result<Option<Element>, Fault> {
+        if el.out_len > MAX_COPY_BYTES {
+            return Err(self.too_many_bytes(&el));
         }
+        let out = self.gather(&el.chain.out, el.out_len)?;
+        let in_len = el.in_len.min(u32::MAX as u64) as u32;
+        let verdict = self.hooks.iter_mut().map(|h| h.0.avail(&out, in_len)).find(|v| *v != Verdict::Forward).unwrap_or(Verdict::Forward);
+        match verdict {
+            Verdict::Forward => {
+                el.out_bytes = Some(out);
+                return Ok(Some(el));
+            }
+            Verdict::Answer(bytes) => {
+                let n = self.scatter(&el.chain.inn, &bytes)?;
+                self.complete_guest(el.chain.head, n as u32);
+                bump(&self.stats.answered, 1);
+            }
+            Verdict::Refuse => {
+                self.complete_guest(el.chain.head, 0);
+                bump(&self.stats.refused, 1);
+            }
+        }
+        self.chain = el.chain;
+        Ok(None)
+    }
+
+    /// Shows a completion to the hooks.
+    pub(super) fn show_completion(&mut self, out: &[u8], written: &[u8]) {
+        self.hooks.iter_mut().for_each(|h| h.0.used(out, written));
     }
 }

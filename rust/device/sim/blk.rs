@@ -3,20 +3,9 @@
 
 use super::{SimKind, SimState};
 
-/// virtio-blk feature bits (virtio spec 5.2.3).
-pub mod feature {
-    /// `size_max` in config.
-    pub const SIZE_MAX: u32 = 1;
-    /// `seg_max` in config.
-    pub const SEG_MAX: u32 = 2;
-    /// `blk_size` in config.
-    pub const BLK_SIZE: u32 = 6;
-    /// FLUSH requests.
-    pub const FLUSH: u32 = 9;
-}
+use crate::virtio::blk_feature as feature;
 
-pub(super) const FEATURES: u64 =
-    (1 << feature::SIZE_MAX) | (1 << feature::SEG_MAX) | (1 << feature::BLK_SIZE) | (1 << feature::FLUSH);
+pub(super) const FEATURES: u64 = (1 << feature::SIZE_MAX) | (1 << feature::SEG_MAX) | (1 << feature::BLK_SIZE) | (1 << feature::FLUSH);
 
 const SECTOR: u64 = 512;
 const SIZE_MAX: u32 = 4096;
@@ -70,9 +59,7 @@ pub(super) fn process(st: &mut SimState) {
                 let kind = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
                 let sector = u64::from_le_bytes(buf[8..16].try_into().unwrap_or_default());
                 let in_range = |bytes: u64| {
-                    bytes % SECTOR == 0
-                        && bytes <= MAX_REQUEST
-                        && sector.checked_add(bytes / SECTOR).is_some_and(|end| end <= capacity)
+                    bytes % SECTOR == 0 && bytes <= MAX_REQUEST && sector.checked_add(bytes / SECTOR).is_some_and(|end| end <= capacity)
                 };
                 match kind {
                     REQ_IN if in_range(data_in) => {

@@ -12,11 +12,13 @@ use std::thread::JoinHandle;
 use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
-use super::{backend_feature as bf, status, Device, DeviceError, DeviceResult, IotlbOp};
+use super::{Device, DeviceError, DeviceResult, IotlbOp};
 use crate::eventfd::EventFd;
 use crate::live::ThreadToken;
-use crate::ring::layout::{RingLayout, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::ring::layout::RingLayout;
 use crate::ring::{Chain, RingReader, Vring};
+use crate::virtio::feature;
+use crate::virtio::{backend_feature as bf, status};
 
 mod blk;
 mod net;
@@ -38,10 +40,8 @@ pub const BACKEND_FEATURES: u64 = (1 << bf::IOTLB_MSG_V2)
     | (1 << bf::ENABLE_AFTER_DRIVER_OK)
     | (1 << bf::IOTLB_PERSIST);
 
-const COMMON_FEATURES: u64 = (1 << VIRTIO_F_VERSION_1)
-    | (1 << VIRTIO_F_ACCESS_PLATFORM)
-    | (1 << VIRTIO_RING_F_EVENT_IDX)
-    | (1 << VIRTIO_RING_F_INDIRECT_DESC);
+const COMMON_FEATURES: u64 =
+    (1 << feature::VERSION_1) | (1 << feature::ACCESS_PLATFORM) | (1 << feature::RING_EVENT_IDX) | (1 << feature::RING_INDIRECT_DESC);
 
 /// Which device the model is.
 #[derive(Debug, Clone)]
@@ -329,8 +329,8 @@ impl SimState {
             return None;
         }
         let asid = self.queue_asid(q);
-        let event_idx = self.has(VIRTIO_RING_F_EVENT_IDX);
-        let indirect = self.has(VIRTIO_RING_F_INDIRECT_DESC);
+        let event_idx = self.has(feature::RING_EVENT_IDX);
+        let indirect = self.has(feature::RING_INDIRECT_DESC);
         let generation = self.iotlb_generation;
         let SimState { queues, spaces, chain, scratch, stats, .. } = self;
         let queue = &mut queues[q];
@@ -353,13 +353,11 @@ impl SimState {
                 queue.ring_cache = Some(RingCache { generation, asid, num: queue.num, addrs, ring });
             }),
         };
-        let res = translated
-            .map_err(|e| format!("ring: {e}"))
-            .and_then(|ring| {
-                let reader = queue.reader.get_or_insert_with(|| RingReader::new(ring, queue.base, event_idx, indirect));
-                reader.set_ring(ring);
-                f(reader, view, chain, scratch, stats)
-            });
+        let res = translated.map_err(|e| format!("ring: {e}")).and_then(|ring| {
+            let reader = queue.reader.get_or_insert_with(|| RingReader::new(ring, queue.base, event_idx, indirect));
+            reader.set_ring(ring);
+            f(reader, view, chain, scratch, stats)
+        });
         match res {
             Ok(v) => Some(v),
             Err(what) => {
@@ -475,8 +473,8 @@ fn einval(op: impl Into<String>) -> DeviceError {
 impl Device for SimDevice {
     fn device_id(&self) -> DeviceResult<u32> {
         Ok(match self.state().kind {
-            SimKind::Net { .. } => super::device_id::NET,
-            SimKind::Blk { .. } => super::device_id::BLOCK,
+            SimKind::Net { .. } => crate::virtio::device_id::NET,
+            SimKind::Blk { .. } => crate::virtio::device_id::BLOCK,
         })
     }
 
@@ -492,7 +490,7 @@ impl Device for SimDevice {
         if features & !st.offered_features() != 0 {
             return Err(einval(format!("VHOST_SET_FEATURES {features:#x}: bits not offered")));
         }
-        if features & (1 << VIRTIO_F_ACCESS_PLATFORM) == 0 {
+        if features & (1 << feature::ACCESS_PLATFORM) == 0 {
             return Err(einval("VHOST_SET_FEATURES without ACCESS_PLATFORM"));
         }
         st.features = features;
@@ -642,7 +640,7 @@ impl Device for SimDevice {
         if st.status & !new != 0 {
             return Err(einval(format!("VHOST_VDPA_SET_STATUS {new:#x} clears bits of {:#x}", st.status)));
         }
-        if new & status::FEATURES_OK != 0 && !st.has(VIRTIO_F_VERSION_1) {
+        if new & status::FEATURES_OK != 0 && !st.has(feature::VERSION_1) {
             // A modern-only device refuses FEATURES_OK without VERSION_1: the driver sees
             // FEATURES_OK not set on re-read.
             st.status = new & !status::FEATURES_OK;

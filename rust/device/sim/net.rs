@@ -7,7 +7,8 @@
 //! and the filter honours them; RSS and hash configuration are refused with ERR.
 
 use super::{SimKind, SimState};
-use crate::net::{feature, Command, NetState, RxMode, ACK_ERR, ACK_OK};
+use crate::net::{Command, NetState, RxMode, ACK_ERR, ACK_OK};
+use crate::virtio::net_feature as feature;
 
 pub(super) const FEATURES: u64 = (1 << feature::MTU)
     | (1 << feature::MAC)

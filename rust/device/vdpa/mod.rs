@@ -14,7 +14,8 @@ use std::sync::Mutex;
 use nix::errno::Errno;
 
 use super::iotlb::AddressSpace;
-use super::{backend_feature, Device, DeviceError, DeviceResult, IotlbOp};
+use super::{Device, DeviceError, DeviceResult, IotlbOp};
+use crate::virtio::backend_feature;
 
 pub mod sys;
 
@@ -48,33 +49,21 @@ fn errno_of(e: &io::Error) -> Errno {
 /// parameters so that tests can fake them.
 fn resolve_name_in(sysfs_devices: &Path, dev_root: &Path, name: &str) -> DeviceResult<PathBuf> {
     if name.is_empty() || name == "." || name == ".." {
-        return Err(DeviceError::os(
-            format!("resolve vdpa device name {name:?}"),
-            Errno::EINVAL,
-        ));
+        return Err(DeviceError::os(format!("resolve vdpa device name {name:?}"), Errno::EINVAL));
     }
     let dir = sysfs_devices.join(name);
-    let entries = std::fs::read_dir(&dir).map_err(|e| {
-        DeviceError::os(
-            format!("resolve vdpa device {name:?}: {}", dir.display()),
-            errno_of(&e),
-        )
-    })?;
+    let entries =
+        std::fs::read_dir(&dir).map_err(|e| DeviceError::os(format!("resolve vdpa device {name:?}: {}", dir.display()), errno_of(&e)))?;
     let mut found: Vec<String> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
-        .filter(|n| {
-            n.strip_prefix("vhost-vdpa-")
-                .is_some_and(|minor| !minor.is_empty() && minor.bytes().all(|b| b.is_ascii_digit()))
-        })
+        .filter(|n| n.strip_prefix("vhost-vdpa-").is_some_and(|minor| !minor.is_empty() && minor.bytes().all(|b| b.is_ascii_digit())))
         .collect();
     found.sort();
     match found.first() {
         Some(chardev) => Ok(dev_root.join(chardev)),
         None => {
-            let driver = std::fs::read_link(dir.join("driver"))
-                .ok()
-                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+            let driver = std::fs::read_link(dir.join("driver")).ok().and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
             Err(DeviceError::NotVhostVdpa {
                 path: dir.display().to_string(),
                 reason: match driver {
@@ -92,25 +81,16 @@ fn resolve(path_or_name: &str) -> DeviceResult<PathBuf> {
     if path_or_name.contains('/') {
         Ok(PathBuf::from(path_or_name))
     } else {
-        resolve_name_in(
-            Path::new(SYSFS_VDPA_DEVICES),
-            Path::new(DEV_ROOT),
-            path_or_name,
-        )
+        resolve_name_in(Path::new(SYSFS_VDPA_DEVICES), Path::new(DEV_ROOT), path_or_name)
     }
 }
 
 /// Describes one IOTLB op for error messages.
 fn describe(op: &IotlbOp, asid: u32) -> String {
     match op {
-        IotlbOp::Update {
-            iova,
-            size,
-            uaddr,
-            perm,
-        } => format!(
-            "IOTLB update iova={iova:#x} size={size:#x} uaddr={uaddr:#x} perm={perm:?} asid={asid}"
-        ),
+        IotlbOp::Update { iova, size, uaddr, perm } => {
+            format!("IOTLB update iova={iova:#x} size={size:#x} uaddr={uaddr:#x} perm={perm:?} asid={asid}")
+        }
         IotlbOp::Invalidate { iova, size } => {
             format!("IOTLB invalidate iova={iova:#x} size={size:#x} asid={asid}")
         }
@@ -131,30 +111,16 @@ impl VhostVdpa {
         let path = resolve(path_or_name)?;
         let shown = path.display().to_string();
         // std opens with O_CLOEXEC.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| DeviceError::os(format!("open {shown}"), errno_of(&e)))?;
-        let dev = VhostVdpa {
-            fd: OwnedFd::from(file),
-            path: shown,
-            backend_features: AtomicU64::new(0),
-            mirror: Mutex::new(Vec::new()),
-        };
+        let file =
+            OpenOptions::new().read(true).write(true).open(&path).map_err(|e| DeviceError::os(format!("open {shown}"), errno_of(&e)))?;
+        let dev = VhostVdpa { fd: OwnedFd::from(file), path: shown, backend_features: AtomicU64::new(0), mirror: Mutex::new(Vec::new()) };
         // SAFETY: the fd is open and owned by `dev`; VHOST_SET_OWNER takes no argument.
         match unsafe { sys::vhost_set_owner(dev.raw()) } {
             Ok(_) => Ok(dev),
             Err(e @ (Errno::ENOTTY | Errno::EINVAL | Errno::ENOSYS)) => {
-                Err(DeviceError::NotVhostVdpa {
-                    path: dev.path.clone(),
-                    reason: format!("VHOST_SET_OWNER answered {e}"),
-                })
+                Err(DeviceError::NotVhostVdpa { path: dev.path.clone(), reason: format!("VHOST_SET_OWNER answered {e}") })
             }
-            Err(e) => Err(DeviceError::os(
-                format!("VHOST_SET_OWNER on {}", dev.path),
-                e,
-            )),
+            Err(e) => Err(DeviceError::os(format!("VHOST_SET_OWNER on {}", dev.path), e)),
         }
     }
 
@@ -181,22 +147,12 @@ impl VhostVdpa {
     }
 
     /// Writes one `vhost_msg_v2`; a short write is reported as EIO.
-    fn write_msg(
-        &self,
-        asid: u32,
-        msg: &sys::vhost_iotlb_msg,
-        what: &dyn Fn() -> String,
-    ) -> DeviceResult<()> {
+    fn write_msg(&self, asid: u32, msg: &sys::vhost_iotlb_msg, what: &dyn Fn() -> String) -> DeviceResult<()> {
         let bytes = sys::encode_msg_v2(asid, msg);
         loop {
             match nix::unistd::write(&self.fd, &bytes) {
                 Ok(n) if n == bytes.len() => return Ok(()),
-                Ok(n) => {
-                    return Err(self.err(
-                        format_args!("{} (short write: {n} of {} bytes)", what(), bytes.len()),
-                        Errno::EIO,
-                    ))
-                }
+                Ok(n) => return Err(self.err(format_args!("{} (short write: {n} of {} bytes)", what(), bytes.len()), Errno::EIO)),
                 Err(Errno::EINTR) => continue,
                 // vhost_chr_write_iter() turns every error of the message handler into
                 // EFAULT; say so, since the errno alone hides the reason.
@@ -215,11 +171,7 @@ impl VhostVdpa {
         }
     }
 
-    fn get_u32(
-        &self,
-        name: &str,
-        f: unsafe fn(libc::c_int, *mut u32) -> nix::Result<libc::c_int>,
-    ) -> DeviceResult<u32> {
+    fn get_u32(&self, name: &str, f: unsafe fn(libc::c_int, *mut u32) -> nix::Result<libc::c_int>) -> DeviceResult<u32> {
         let mut v = 0u32;
         // SAFETY: `f` is one of the sys wrappers of an `_IOR(.., u32)` ioctl; the kernel
         // writes 4 bytes through a pointer to a live, aligned u32.
@@ -236,8 +188,7 @@ impl VhostVdpa {
         let mut st = sys::vhost_vring_state { index, num: 0 };
         // SAFETY: `f` is one of the sys wrappers of an `_IOWR(.., vhost_vring_state)` ioctl;
         // the kernel reads and writes 8 bytes of a live, aligned vhost_vring_state.
-        unsafe { f(self.raw(), &mut st) }
-            .map_err(|e| self.err(format_args!("{name} index={index}"), e))?;
+        unsafe { f(self.raw(), &mut st) }.map_err(|e| self.err(format_args!("{name} index={index}"), e))?;
         Ok(st.num)
     }
 
@@ -251,8 +202,7 @@ impl VhostVdpa {
         let st = sys::vhost_vring_state { index, num };
         // SAFETY: `f` is one of the sys wrappers of an `_IOW(.., vhost_vring_state)` ioctl;
         // the kernel reads 8 bytes of a live vhost_vring_state.
-        unsafe { f(self.raw(), &st) }
-            .map_err(|e| self.err(format_args!("{name} index={index} num={num}"), e))?;
+        unsafe { f(self.raw(), &st) }.map_err(|e| self.err(format_args!("{name} index={index} num={num}"), e))?;
         Ok(())
     }
 
@@ -263,14 +213,10 @@ impl VhostVdpa {
         fd: Option<BorrowedFd<'_>>,
         f: unsafe fn(libc::c_int, *const sys::vhost_vring_file) -> nix::Result<libc::c_int>,
     ) -> DeviceResult<()> {
-        let file = sys::vhost_vring_file {
-            index,
-            fd: fd.map_or(-1, |f| f.as_raw_fd()),
-        };
+        let file = sys::vhost_vring_file { index, fd: fd.map_or(-1, |f| f.as_raw_fd()) };
         // SAFETY: `f` is VHOST_SET_VRING_KICK or _CALL; the kernel reads 8 bytes of a live
         // vhost_vring_file and takes its own reference on the eventfd (or unbinds for -1).
-        unsafe { f(self.raw(), &file) }
-            .map_err(|e| self.err(format_args!("{name} index={index} fd={}", file.fd), e))?;
+        unsafe { f(self.raw(), &file) }.map_err(|e| self.err(format_args!("{name} index={index} fd={}", file.fd), e))?;
         Ok(())
     }
 }
@@ -289,8 +235,7 @@ impl Device for VhostVdpa {
     fn features(&self) -> DeviceResult<u64> {
         let mut v = 0u64;
         // SAFETY: VHOST_GET_FEATURES writes one u64 through a pointer to a live u64.
-        unsafe { sys::vhost_get_features(self.raw(), &mut v) }
-            .map_err(|e| self.err("VHOST_GET_FEATURES", e))?;
+        unsafe { sys::vhost_get_features(self.raw(), &mut v) }.map_err(|e| self.err("VHOST_GET_FEATURES", e))?;
         Ok(v)
     }
 
@@ -304,8 +249,7 @@ impl Device for VhostVdpa {
     fn backend_features(&self) -> DeviceResult<u64> {
         let mut v = 0u64;
         // SAFETY: VHOST_GET_BACKEND_FEATURES writes one u64 through a pointer to a live u64.
-        unsafe { sys::vhost_get_backend_features(self.raw(), &mut v) }
-            .map_err(|e| self.err("VHOST_GET_BACKEND_FEATURES", e))?;
+        unsafe { sys::vhost_get_backend_features(self.raw(), &mut v) }.map_err(|e| self.err("VHOST_GET_BACKEND_FEATURES", e))?;
         Ok(v)
     }
 
@@ -318,10 +262,7 @@ impl Device for VhostVdpa {
     }
 
     fn config_size(&self) -> DeviceResult<u32> {
-        self.get_u32(
-            "VHOST_VDPA_GET_CONFIG_SIZE",
-            sys::vhost_vdpa_get_config_size,
-        )
+        self.get_u32("VHOST_VDPA_GET_CONFIG_SIZE", sys::vhost_vdpa_get_config_size)
     }
 
     fn config(&self, offset: u32, buf: &mut [u8]) -> DeviceResult<()> {
@@ -336,8 +277,7 @@ impl Device for VhostVdpa {
         // exactly what the kernel reads (header) and writes (data) with copy_{from,to}_user;
         // the pointer is only handed to the kernel, never dereferenced here, so its byte
         // alignment does not matter.
-        unsafe { sys::vhost_vdpa_get_config(self.raw(), raw.as_mut_ptr().cast()) }
-            .map_err(|e| self.err(what(), e))?;
+        unsafe { sys::vhost_vdpa_get_config(self.raw(), raw.as_mut_ptr().cast()) }.map_err(|e| self.err(what(), e))?;
         buf.copy_from_slice(&raw[hdr..]);
         Ok(())
     }
@@ -351,8 +291,7 @@ impl Device for VhostVdpa {
         raw.extend_from_slice(data);
         // SAFETY: `raw` holds the 8-byte header followed by `len` bytes, all of which the
         // kernel only reads; the pointer is never dereferenced on our side.
-        unsafe { sys::vhost_vdpa_set_config(self.raw(), raw.as_ptr().cast()) }
-            .map_err(|e| self.err(what(), e))?;
+        unsafe { sys::vhost_vdpa_set_config(self.raw(), raw.as_ptr().cast()) }.map_err(|e| self.err(what(), e))?;
         Ok(())
     }
 
@@ -363,8 +302,7 @@ impl Device for VhostVdpa {
     fn max_queue_size(&self) -> DeviceResult<u16> {
         let mut v = 0u16;
         // SAFETY: VHOST_VDPA_GET_VRING_NUM writes one u16 through a pointer to a live u16.
-        unsafe { sys::vhost_vdpa_get_vring_num(self.raw(), &mut v) }
-            .map_err(|e| self.err("VHOST_VDPA_GET_VRING_NUM", e))?;
+        unsafe { sys::vhost_vdpa_get_vring_num(self.raw(), &mut v) }.map_err(|e| self.err("VHOST_VDPA_GET_VRING_NUM", e))?;
         Ok(v)
     }
 
@@ -377,37 +315,22 @@ impl Device for VhostVdpa {
     }
 
     fn queue_group(&self, queue: u32) -> DeviceResult<u32> {
-        self.vring_state_rw(
-            "VHOST_VDPA_GET_VRING_GROUP",
-            queue,
-            sys::vhost_vdpa_get_vring_group,
-        )
+        self.vring_state_rw("VHOST_VDPA_GET_VRING_GROUP", queue, sys::vhost_vdpa_get_vring_group)
     }
 
     fn set_group_asid(&self, group: u32, asid: u32) -> DeviceResult<()> {
-        self.vring_state_w(
-            "VHOST_VDPA_SET_GROUP_ASID",
-            group,
-            asid,
-            sys::vhost_vdpa_set_group_asid,
-        )
+        self.vring_state_w("VHOST_VDPA_SET_GROUP_ASID", group, asid, sys::vhost_vdpa_set_group_asid)
     }
 
     fn iova_range(&self) -> DeviceResult<(u64, u64)> {
         let mut r = sys::vhost_vdpa_iova_range::default();
         // SAFETY: VHOST_VDPA_GET_IOVA_RANGE writes 16 bytes into a live vhost_vdpa_iova_range.
-        unsafe { sys::vhost_vdpa_get_iova_range(self.raw(), &mut r) }
-            .map_err(|e| self.err("VHOST_VDPA_GET_IOVA_RANGE", e))?;
+        unsafe { sys::vhost_vdpa_get_iova_range(self.raw(), &mut r) }.map_err(|e| self.err("VHOST_VDPA_GET_IOVA_RANGE", e))?;
         Ok((r.first, r.last))
     }
 
     fn set_vring_num(&self, queue: u32, num: u16) -> DeviceResult<()> {
-        self.vring_state_w(
-            "VHOST_SET_VRING_NUM",
-            queue,
-            num.into(),
-            sys::vhost_set_vring_num,
-        )
+        self.vring_state_w("VHOST_SET_VRING_NUM", queue, num.into(), sys::vhost_set_vring_num)
     }
 
     fn set_vring_addr(&self, queue: u32, desc: u64, avail: u64, used: u64) -> DeviceResult<()> {
@@ -420,24 +343,13 @@ impl Device for VhostVdpa {
             log_guest_addr: 0,
         };
         // SAFETY: VHOST_SET_VRING_ADDR reads 40 bytes of a live vhost_vring_addr.
-        unsafe { sys::vhost_set_vring_addr(self.raw(), &addr) }.map_err(|e| {
-            self.err(
-                format_args!(
-                    "VHOST_SET_VRING_ADDR index={queue} desc={desc:#x} avail={avail:#x} used={used:#x}"
-                ),
-                e,
-            )
-        })?;
+        unsafe { sys::vhost_set_vring_addr(self.raw(), &addr) }
+            .map_err(|e| self.err(format_args!("VHOST_SET_VRING_ADDR index={queue} desc={desc:#x} avail={avail:#x} used={used:#x}"), e))?;
         Ok(())
     }
 
     fn set_vring_base(&self, queue: u32, base: u16) -> DeviceResult<()> {
-        self.vring_state_w(
-            "VHOST_SET_VRING_BASE",
-            queue,
-            base.into(),
-            sys::vhost_set_vring_base,
-        )
+        self.vring_state_w("VHOST_SET_VRING_BASE", queue, base.into(), sys::vhost_set_vring_base)
     }
 
     fn vring_base(&self, queue: u32) -> DeviceResult<u16> {
@@ -465,19 +377,13 @@ impl Device for VhostVdpa {
     }
 
     fn set_vring_enable(&self, queue: u32, enable: bool) -> DeviceResult<()> {
-        self.vring_state_w(
-            "VHOST_VDPA_SET_VRING_ENABLE",
-            queue,
-            enable.into(),
-            sys::vhost_vdpa_set_vring_enable,
-        )
+        self.vring_state_w("VHOST_VDPA_SET_VRING_ENABLE", queue, enable.into(), sys::vhost_vdpa_set_vring_enable)
     }
 
     fn status(&self) -> DeviceResult<u8> {
         let mut v = 0u8;
         // SAFETY: VHOST_VDPA_GET_STATUS writes one byte through a pointer to a live u8.
-        unsafe { sys::vhost_vdpa_get_status(self.raw(), &mut v) }
-            .map_err(|e| self.err("VHOST_VDPA_GET_STATUS", e))?;
+        unsafe { sys::vhost_vdpa_get_status(self.raw(), &mut v) }.map_err(|e| self.err("VHOST_VDPA_GET_STATUS", e))?;
         Ok(v)
     }
 
@@ -490,25 +396,20 @@ impl Device for VhostVdpa {
 
     fn suspend(&self) -> DeviceResult<()> {
         // SAFETY: VHOST_VDPA_SUSPEND takes no argument.
-        unsafe { sys::vhost_vdpa_suspend(self.raw()) }
-            .map_err(|e| self.err("VHOST_VDPA_SUSPEND", e))?;
+        unsafe { sys::vhost_vdpa_suspend(self.raw()) }.map_err(|e| self.err("VHOST_VDPA_SUSPEND", e))?;
         Ok(())
     }
 
     fn resume(&self) -> DeviceResult<()> {
         // SAFETY: VHOST_VDPA_RESUME takes no argument.
-        unsafe { sys::vhost_vdpa_resume(self.raw()) }
-            .map_err(|e| self.err("VHOST_VDPA_RESUME", e))?;
+        unsafe { sys::vhost_vdpa_resume(self.raw()) }.map_err(|e| self.err("VHOST_VDPA_RESUME", e))?;
         Ok(())
     }
 
     fn iotlb(&self, asid: u32, ops: &[IotlbOp]) -> DeviceResult<()> {
         let has_asid = self.acked(backend_feature::IOTLB_ASID);
         if asid != 0 && !has_asid {
-            return Err(self.err(
-                format_args!("IOTLB asid={asid}: backend feature IOTLB_ASID is not acked"),
-                Errno::EINVAL,
-            ));
+            return Err(self.err(format_args!("IOTLB asid={asid}: backend feature IOTLB_ASID is not acked"), Errno::EINVAL));
         }
         if ops.is_empty() {
             return Ok(());
@@ -561,10 +462,7 @@ impl VhostVdpa {
         // Without IOTLB_ASID the kernel ignores the field; write 0 as the uapi asks.
         let wire_asid = if has_asid { asid } else { 0 };
         let batch = ops.len() > 1 && self.acked(backend_feature::IOTLB_BATCH);
-        let control = |type_: u8| sys::vhost_iotlb_msg {
-            type_,
-            ..Default::default()
-        };
+        let control = |type_: u8| sys::vhost_iotlb_msg { type_, ..Default::default() };
 
         if batch {
             self.write_msg(wire_asid, &control(sys::VHOST_IOTLB_BATCH_BEGIN), &|| {
@@ -574,33 +472,16 @@ impl VhostVdpa {
         let mut result = Ok(());
         for (i, op) in ops.iter().enumerate() {
             let msg = match *op {
-                IotlbOp::Update {
-                    iova,
-                    size,
-                    uaddr,
-                    perm,
-                } => sys::vhost_iotlb_msg {
-                    iova,
-                    size,
-                    uaddr,
-                    perm: perm.to_uapi(),
-                    type_: sys::VHOST_IOTLB_UPDATE,
-                },
-                IotlbOp::Invalidate { iova, size } => sys::vhost_iotlb_msg {
-                    iova,
-                    size,
-                    type_: sys::VHOST_IOTLB_INVALIDATE,
-                    ..Default::default()
-                },
+                IotlbOp::Update { iova, size, uaddr, perm } => {
+                    sys::vhost_iotlb_msg { iova, size, uaddr, perm: perm.to_uapi(), type_: sys::VHOST_IOTLB_UPDATE }
+                }
+                IotlbOp::Invalidate { iova, size } => {
+                    sys::vhost_iotlb_msg { iova, size, type_: sys::VHOST_IOTLB_INVALIDATE, ..Default::default() }
+                }
             };
             let what = || {
                 if batch {
-                    format!(
-                        "{} (op {} of {} in a batch)",
-                        describe(op, asid),
-                        i + 1,
-                        ops.len()
-                    )
+                    format!("{} (op {} of {} in a batch)", describe(op, asid), i + 1, ops.len())
                 } else {
                     describe(op, asid)
                 }
@@ -616,10 +497,7 @@ impl VhostVdpa {
             // left mid-batch. Parents with set_map apply the batch here and may refuse it.
             let end = self.write_msg(wire_asid, &control(sys::VHOST_IOTLB_BATCH_END), &|| {
                 let first = ops.first().map(|op| describe(op, asid)).unwrap_or_default();
-                format!(
-                    "IOTLB batch end asid={asid} ({} ops, first: {first})",
-                    ops.len()
-                )
+                format!("IOTLB batch end asid={asid} ({} ops, first: {first})", ops.len())
             });
             if result.is_ok() {
                 result = end;
@@ -668,8 +546,7 @@ mod tests {
         let sys = root.join("sys");
         fs::create_dir_all(sys.join("vdpa0")).unwrap();
         fs::create_dir_all(root.join("drivers/virtio_vdpa")).unwrap();
-        std::os::unix::fs::symlink(root.join("drivers/virtio_vdpa"), sys.join("vdpa0/driver"))
-            .unwrap();
+        std::os::unix::fs::symlink(root.join("drivers/virtio_vdpa"), sys.join("vdpa0/driver")).unwrap();
         let err = resolve_name_in(&sys, Path::new("/dev"), "vdpa0").unwrap_err();
         match &err {
             DeviceError::NotVhostVdpa { reason, .. } => {
@@ -683,8 +560,7 @@ mod tests {
     #[test]
     fn bad_names_are_refused() {
         for name in ["", ".", ".."] {
-            let err =
-                resolve_name_in(Path::new("/nonexistent"), Path::new("/dev"), name).unwrap_err();
+            let err = resolve_name_in(Path::new("/nonexistent"), Path::new("/dev"), name).unwrap_err();
             assert_eq!(err.errno(), Some(Errno::EINVAL));
         }
     }
@@ -747,15 +623,12 @@ mod tests {
 #[cfg(test)]
 mod kernel_tests {
     use super::*;
-    use crate::device::{device_id, Perm};
+    use crate::virtio::{device_id, feature, Perm};
     use std::num::NonZeroUsize;
     use std::sync::Mutex;
 
     /// vhost-vdpa devices open exclusively: one test at a time.
     static DEVICE_LOCK: Mutex<()> = Mutex::new(());
-
-    const VIRTIO_F_VERSION_1: u32 = 32;
-    const VIRTIO_F_ACCESS_PLATFORM: u32 = 33;
 
     fn device(var: &str) -> Option<String> {
         match std::env::var(var) {
@@ -784,14 +657,7 @@ mod kernel_tests {
             // SAFETY: a fresh shared mapping of our own memfd, at an address the kernel picks;
             // it does not alias any Rust object.
             let ptr = unsafe {
-                mmap(
-                    None,
-                    NonZeroUsize::new(len).unwrap(),
-                    ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                    MapFlags::MAP_SHARED,
-                    &fd,
-                    0,
-                )
+                mmap(None, NonZeroUsize::new(len).unwrap(), ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, &fd, 0)
             }
             .unwrap();
             SharedPage { _fd: fd, ptr, len }
@@ -820,12 +686,8 @@ mod kernel_tests {
 
         assert_eq!(dev.device_id().unwrap(), device_id::NET);
         let features = dev.features().unwrap();
-        assert_ne!(features & (1 << VIRTIO_F_VERSION_1), 0, "{features:#x}");
-        assert_ne!(
-            features & (1 << VIRTIO_F_ACCESS_PLATFORM),
-            0,
-            "{features:#x}"
-        );
+        assert_ne!(features & (1 << feature::VERSION_1), 0, "{features:#x}");
+        assert_ne!(features & (1 << feature::ACCESS_PLATFORM), 0, "{features:#x}");
         let (first, last) = dev.iova_range().unwrap();
         assert!(first < last, "{first:#x}..{last:#x}");
         assert_eq!(dev.num_queues().unwrap(), 3);
@@ -850,22 +712,13 @@ mod kernel_tests {
 
         let offered = dev.backend_features().unwrap();
         let ack = 0x17e & offered;
-        assert_ne!(
-            ack & (1 << backend_feature::IOTLB_MSG_V2),
-            0,
-            "{offered:#x}"
-        );
+        assert_ne!(ack & (1 << backend_feature::IOTLB_MSG_V2), 0, "{offered:#x}");
         dev.set_backend_features(ack).unwrap();
         assert_eq!(dev.acked_backend_features(), ack);
 
         let page = SharedPage::new();
         let iova = 0x10_0000u64;
-        let update = IotlbOp::Update {
-            iova,
-            size: 4096,
-            uaddr: page.addr(),
-            perm: Perm::ReadWrite,
-        };
+        let update = IotlbOp::Update { iova, size: 4096, uaddr: page.addr(), perm: Perm::ReadWrite };
         let inval = IotlbOp::Invalidate { iova, size: 4096 };
         dev.iotlb(0, &[update]).unwrap();
         assert_eq!(dev.live_mappings(), Some(1));
@@ -875,12 +728,7 @@ mod kernel_tests {
         assert_eq!(err.errno(), Some(Errno::EEXIST), "{err}");
         assert!(err.to_string().contains("iova=0x100000"), "{err}");
         // A range that wraps past 2^64 is refused too.
-        let wrap = IotlbOp::Update {
-            iova: u64::MAX - 0xfff,
-            size: 0x2000,
-            uaddr: page.addr(),
-            perm: Perm::ReadOnly,
-        };
+        let wrap = IotlbOp::Update { iova: u64::MAX - 0xfff, size: 0x2000, uaddr: page.addr(), perm: Perm::ReadOnly };
         let err = dev.iotlb(0, &[wrap]).unwrap_err();
         assert_eq!(err.errno(), Some(Errno::EINVAL), "{err}");
         dev.iotlb(0, &[inval]).unwrap();
@@ -889,25 +737,9 @@ mod kernel_tests {
         // A batch: invalidate + update + a second page; then a batch with an overlap is
         // refused as a whole before anything is written, so its invalidate does not take
         // effect either.
-        let update2 = IotlbOp::Update {
-            iova: iova + 0x10000,
-            size: 4096,
-            uaddr: page.addr(),
-            perm: Perm::ReadOnly,
-        };
+        let update2 = IotlbOp::Update { iova: iova + 0x10000, size: 4096, uaddr: page.addr(), perm: Perm::ReadOnly };
         dev.iotlb(0, &[inval, update, update2]).unwrap();
-        let err = dev
-            .iotlb(
-                0,
-                &[
-                    IotlbOp::Invalidate {
-                        iova: iova + 0x10000,
-                        size: 4096,
-                    },
-                    update,
-                ],
-            )
-            .unwrap_err();
+        let err = dev.iotlb(0, &[IotlbOp::Invalidate { iova: iova + 0x10000, size: 4096 }, update]).unwrap_err();
         assert_eq!(err.errno(), Some(Errno::EEXIST), "{err}");
         assert_eq!(dev.live_mappings(), Some(2));
         let err = dev.iotlb(0, &[update2]).unwrap_err();
@@ -925,30 +757,10 @@ mod kernel_tests {
             assert_eq!(err.errno(), Some(Errno::EINVAL), "{err}");
         }
         // Bad ranges: size 0 → EINVAL.
-        let err = dev
-            .iotlb(
-                0,
-                &[IotlbOp::Update {
-                    iova: 0x20_0000,
-                    size: 0,
-                    uaddr: page.addr(),
-                    perm: Perm::ReadOnly,
-                }],
-            )
-            .unwrap_err();
+        let err = dev.iotlb(0, &[IotlbOp::Update { iova: 0x20_0000, size: 0, uaddr: page.addr(), perm: Perm::ReadOnly }]).unwrap_err();
         assert_eq!(err.errno(), Some(Errno::EINVAL), "{err}");
         assert_eq!(dev.live_mappings(), Some(1));
-        dev.iotlb(
-            0,
-            &[
-                inval,
-                IotlbOp::Invalidate {
-                    iova: iova + 0x10000,
-                    size: 4096,
-                },
-            ],
-        )
-        .unwrap();
+        dev.iotlb(0, &[inval, IotlbOp::Invalidate { iova: iova + 0x10000, size: 4096 }]).unwrap();
 
         // Set-up ioctls that need no running device.
         dev.set_vring_num(0, 256).unwrap();
@@ -963,9 +775,9 @@ mod kernel_tests {
         dev.set_config_call(None).unwrap();
 
         // Status: ACK|DRIVER, features, FEATURES_OK; then reset.
-        use crate::device::status::*;
+        use crate::virtio::status::*;
         dev.set_status(ACKNOWLEDGE | DRIVER).unwrap();
-        let want = features & ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_ACCESS_PLATFORM));
+        let want = features & ((1 << feature::VERSION_1) | (1 << feature::ACCESS_PLATFORM));
         dev.set_features(want).unwrap();
         dev.set_status(ACKNOWLEDGE | DRIVER | FEATURES_OK).unwrap();
         assert_eq!(dev.status().unwrap(), ACKNOWLEDGE | DRIVER | FEATURES_OK);
@@ -985,36 +797,17 @@ mod kernel_tests {
         let _guard = DEVICE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let dev = VhostVdpa::open(&name).unwrap();
         let page = SharedPage::new();
-        let update = IotlbOp::Update {
-            iova: 0x40_0000,
-            size: 4096,
-            uaddr: page.addr(),
-            perm: Perm::ReadWrite,
-        };
+        let update = IotlbOp::Update { iova: 0x40_0000, size: 4096, uaddr: page.addr(), perm: Perm::ReadWrite };
         // Nothing acked: asid 1 is refused before anything is written.
         let err = dev.iotlb(1, &[update]).unwrap_err();
         assert_eq!(err.errno(), Some(Errno::EINVAL), "{err}");
         // Only MSG_V2 acked (no batch, no asid): plain messages with asid 0 work.
-        dev.set_backend_features(1 << backend_feature::IOTLB_MSG_V2)
-            .unwrap();
-        dev.iotlb(
-            0,
-            &[
-                update,
-                IotlbOp::Invalidate {
-                    iova: 0x40_0000,
-                    size: 4096,
-                },
-            ],
-        )
-        .unwrap();
+        dev.set_backend_features(1 << backend_feature::IOTLB_MSG_V2).unwrap();
+        dev.iotlb(0, &[update, IotlbOp::Invalidate { iova: 0x40_0000, size: 4096 }]).unwrap();
         // Unknown backend bits → EOPNOTSUPP, and the acked set is unchanged.
         let err = dev.set_backend_features(1 << 40).unwrap_err();
         assert_eq!(err.errno(), Some(Errno::EOPNOTSUPP), "{err}");
-        assert_eq!(
-            dev.acked_backend_features(),
-            1 << backend_feature::IOTLB_MSG_V2
-        );
+        assert_eq!(dev.acked_backend_features(), 1 << backend_feature::IOTLB_MSG_V2);
     }
 
     #[test]

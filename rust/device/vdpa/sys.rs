@@ -136,23 +136,11 @@ pub fn encode_msg_v2(asid: u32, iotlb: &vhost_iotlb_msg) -> [u8; VHOST_MSG_V2_SI
     let mut out = [0u8; VHOST_MSG_V2_SIZE];
     let base = offset_of!(vhost_msg_v2, payload);
     let mut put = |off: usize, bytes: &[u8]| out[off..off + bytes.len()].copy_from_slice(bytes);
-    put(
-        offset_of!(vhost_msg_v2, type_),
-        &VHOST_IOTLB_MSG_V2.to_ne_bytes(),
-    );
+    put(offset_of!(vhost_msg_v2, type_), &VHOST_IOTLB_MSG_V2.to_ne_bytes());
     put(offset_of!(vhost_msg_v2, asid), &asid.to_ne_bytes());
-    put(
-        base + offset_of!(vhost_iotlb_msg, iova),
-        &iotlb.iova.to_ne_bytes(),
-    );
-    put(
-        base + offset_of!(vhost_iotlb_msg, size),
-        &iotlb.size.to_ne_bytes(),
-    );
-    put(
-        base + offset_of!(vhost_iotlb_msg, uaddr),
-        &iotlb.uaddr.to_ne_bytes(),
-    );
+    put(base + offset_of!(vhost_iotlb_msg, iova), &iotlb.iova.to_ne_bytes());
+    put(base + offset_of!(vhost_iotlb_msg, size), &iotlb.size.to_ne_bytes());
+    put(base + offset_of!(vhost_iotlb_msg, uaddr), &iotlb.uaddr.to_ne_bytes());
     put(base + offset_of!(vhost_iotlb_msg, perm), &[iotlb.perm]);
     put(base + offset_of!(vhost_iotlb_msg, type_), &[iotlb.type_]);
     out
@@ -191,12 +179,10 @@ pub(crate) const NR_GET_VRING_SIZE: u8 = 0x82;
 /// `_IOR(VHOST_VIRTIO, 0x73, struct vhost_vdpa_config)`: the size is the header's (8),
 /// whatever `len` follows it.
 pub const VHOST_VDPA_GET_CONFIG: nix::sys::ioctl::ioctl_num_type =
-    nix::request_code_read!(VHOST_VIRTIO, NR_GET_CONFIG, size_of::<vhost_vdpa_config>())
-        as nix::sys::ioctl::ioctl_num_type;
+    nix::request_code_read!(VHOST_VIRTIO, NR_GET_CONFIG, size_of::<vhost_vdpa_config>()) as nix::sys::ioctl::ioctl_num_type;
 /// `_IOW(VHOST_VIRTIO, 0x74, struct vhost_vdpa_config)`.
 pub const VHOST_VDPA_SET_CONFIG: nix::sys::ioctl::ioctl_num_type =
-    nix::request_code_write!(VHOST_VIRTIO, NR_SET_CONFIG, size_of::<vhost_vdpa_config>())
-        as nix::sys::ioctl::ioctl_num_type;
+    nix::request_code_write!(VHOST_VIRTIO, NR_SET_CONFIG, size_of::<vhost_vdpa_config>()) as nix::sys::ioctl::ioctl_num_type;
 
 nix::ioctl_read!(
     /// `VHOST_GET_FEATURES`.
@@ -363,13 +349,7 @@ mod tests {
 
     #[test]
     fn msg_v2_encoding() {
-        let m = vhost_iotlb_msg {
-            iova: 0x1000,
-            size: 0x2000,
-            uaddr: 0x7f00_dead_b000,
-            perm: 3,
-            type_: VHOST_IOTLB_UPDATE,
-        };
+        let m = vhost_iotlb_msg { iova: 0x1000, size: 0x2000, uaddr: 0x7f00_dead_b000, perm: 3, type_: VHOST_IOTLB_UPDATE };
         let b = encode_msg_v2(1, &m);
         // Same layout as vdpa_probe.py: struct.pack("<IIQQQBB", 2, asid, iova, size, uaddr, perm, type)
         let mut want = Vec::new();
@@ -397,108 +377,32 @@ mod tests {
             ("SET_FEATURES", w!(v, NR_FEATURES, 8) as u64, 0x4008af00),
             ("SET_OWNER", none!(v, NR_SET_OWNER) as u64, 0xaf01),
             ("SET_VRING_NUM", w!(v, NR_VRING_NUM, st) as u64, 0x4008af10),
-            (
-                "SET_VRING_ADDR",
-                w!(v, NR_VRING_ADDR, size_of::<vhost_vring_addr>()) as u64,
-                0x4028af11,
-            ),
-            (
-                "SET_VRING_BASE",
-                w!(v, NR_VRING_BASE, st) as u64,
-                0x4008af12,
-            ),
-            (
-                "GET_VRING_BASE",
-                rw!(v, NR_VRING_BASE, st) as u64,
-                0xc008af12,
-            ),
-            (
-                "SET_VRING_KICK",
-                w!(v, NR_VRING_KICK, size_of::<vhost_vring_file>()) as u64,
-                0x4008af20,
-            ),
-            (
-                "SET_VRING_CALL",
-                w!(v, NR_VRING_CALL, size_of::<vhost_vring_file>()) as u64,
-                0x4008af21,
-            ),
-            (
-                "SET_BACKEND_FEATURES",
-                w!(v, NR_SET_BACKEND_FEATURES, 8) as u64,
-                0x4008af25,
-            ),
-            (
-                "GET_BACKEND_FEATURES",
-                r!(v, NR_GET_BACKEND_FEATURES, 8) as u64,
-                0x8008af26,
-            ),
-            (
-                "GET_DEVICE_ID",
-                r!(v, NR_GET_DEVICE_ID, 4) as u64,
-                0x8004af70,
-            ),
+            ("SET_VRING_ADDR", w!(v, NR_VRING_ADDR, size_of::<vhost_vring_addr>()) as u64, 0x4028af11),
+            ("SET_VRING_BASE", w!(v, NR_VRING_BASE, st) as u64, 0x4008af12),
+            ("GET_VRING_BASE", rw!(v, NR_VRING_BASE, st) as u64, 0xc008af12),
+            ("SET_VRING_KICK", w!(v, NR_VRING_KICK, size_of::<vhost_vring_file>()) as u64, 0x4008af20),
+            ("SET_VRING_CALL", w!(v, NR_VRING_CALL, size_of::<vhost_vring_file>()) as u64, 0x4008af21),
+            ("SET_BACKEND_FEATURES", w!(v, NR_SET_BACKEND_FEATURES, 8) as u64, 0x4008af25),
+            ("GET_BACKEND_FEATURES", r!(v, NR_GET_BACKEND_FEATURES, 8) as u64, 0x8008af26),
+            ("GET_DEVICE_ID", r!(v, NR_GET_DEVICE_ID, 4) as u64, 0x8004af70),
             ("GET_STATUS", r!(v, NR_GET_STATUS, 1) as u64, 0x8001af71),
             ("SET_STATUS", w!(v, NR_SET_STATUS, 1) as u64, 0x4001af72),
             ("GET_CONFIG", VHOST_VDPA_GET_CONFIG as u64, 0x8008af73),
             ("SET_CONFIG", VHOST_VDPA_SET_CONFIG as u64, 0x4008af74),
-            (
-                "SET_VRING_ENABLE",
-                w!(v, NR_SET_VRING_ENABLE, st) as u64,
-                0x4008af75,
-            ),
-            (
-                "GET_VRING_NUM",
-                r!(v, NR_GET_VRING_NUM, 2) as u64,
-                0x8002af76,
-            ),
-            (
-                "SET_CONFIG_CALL",
-                w!(v, NR_SET_CONFIG_CALL, size_of::<libc::c_int>()) as u64,
-                0x4004af77,
-            ),
-            (
-                "GET_IOVA_RANGE",
-                r!(v, NR_GET_IOVA_RANGE, size_of::<vhost_vdpa_iova_range>()) as u64,
-                0x8010af78,
-            ),
-            (
-                "GET_CONFIG_SIZE",
-                r!(v, NR_GET_CONFIG_SIZE, 4) as u64,
-                0x8004af79,
-            ),
+            ("SET_VRING_ENABLE", w!(v, NR_SET_VRING_ENABLE, st) as u64, 0x4008af75),
+            ("GET_VRING_NUM", r!(v, NR_GET_VRING_NUM, 2) as u64, 0x8002af76),
+            ("SET_CONFIG_CALL", w!(v, NR_SET_CONFIG_CALL, size_of::<libc::c_int>()) as u64, 0x4004af77),
+            ("GET_IOVA_RANGE", r!(v, NR_GET_IOVA_RANGE, size_of::<vhost_vdpa_iova_range>()) as u64, 0x8010af78),
+            ("GET_CONFIG_SIZE", r!(v, NR_GET_CONFIG_SIZE, 4) as u64, 0x8004af79),
             ("GET_AS_NUM", r!(v, NR_GET_AS_NUM, 4) as u64, 0x8004af7a),
-            (
-                "GET_VRING_GROUP",
-                rw!(v, NR_GET_VRING_GROUP, st) as u64,
-                0xc008af7b,
-            ),
-            (
-                "SET_GROUP_ASID",
-                w!(v, NR_SET_GROUP_ASID, st) as u64,
-                0x4008af7c,
-            ),
+            ("GET_VRING_GROUP", rw!(v, NR_GET_VRING_GROUP, st) as u64, 0xc008af7b),
+            ("SET_GROUP_ASID", w!(v, NR_SET_GROUP_ASID, st) as u64, 0x4008af7c),
             ("SUSPEND", none!(v, NR_SUSPEND) as u64, 0xaf7d),
             ("RESUME", none!(v, NR_RESUME) as u64, 0xaf7e),
-            (
-                "GET_VRING_DESC_GROUP",
-                rw!(v, NR_GET_VRING_DESC_GROUP, st) as u64,
-                0xc008af7f,
-            ),
-            (
-                "GET_VQS_COUNT",
-                r!(v, NR_GET_VQS_COUNT, 4) as u64,
-                0x8004af80,
-            ),
-            (
-                "GET_GROUP_NUM",
-                r!(v, NR_GET_GROUP_NUM, 4) as u64,
-                0x8004af81,
-            ),
-            (
-                "GET_VRING_SIZE",
-                rw!(v, NR_GET_VRING_SIZE, st) as u64,
-                0xc008af82,
-            ),
+            ("GET_VRING_DESC_GROUP", rw!(v, NR_GET_VRING_DESC_GROUP, st) as u64, 0xc008af7f),
+            ("GET_VQS_COUNT", r!(v, NR_GET_VQS_COUNT, 4) as u64, 0x8004af80),
+            ("GET_GROUP_NUM", r!(v, NR_GET_GROUP_NUM, 4) as u64, 0x8004af81),
+            ("GET_VRING_SIZE", rw!(v, NR_GET_VRING_SIZE, st) as u64, 0xc008af82),
         ];
         for (name, got, want) in cases {
             assert_eq!(got, want, "VHOST_{name}: {got:#x} != {want:#x}");

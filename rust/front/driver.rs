@@ -5,13 +5,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::GuestQueue;
 use crate::eventfd::EventFd;
-use crate::iova::{IovaAllocator, PAGE_SIZE};
+use crate::fault::{QueueFault, QueueHealth};
+use crate::iova::IovaAllocator;
 use crate::mem::{GuestMemory, MemError};
 use crate::ring::layout::{align_up, RingLayout, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use crate::ring::{Buf, RingWriter, UsedError, Vring};
-use crate::shadow::{QueueFault, QueueHealth};
-use crate::device::Perm;
+use crate::ring::{Buf, RingWriter, UsedError};
+use crate::virtio::{Perm, PAGE_SIZE};
 
 /// A failed driver operation.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +36,7 @@ pub enum DriverError {
         source: UsedError,
     },
     /// The queue was broken by a fault svq detected.
-    #[error("{}", .0.message)]
+    #[error(transparent)]
     Broken(QueueFault),
     /// Nothing completed in time.
     #[error("queue {queue}: {got} of {want} completions after {waited:?}")]
@@ -55,44 +56,10 @@ pub enum DriverError {
     /// A buffer longer than a descriptor can describe.
     #[error("buffer of {0} bytes is too long for one descriptor")]
     TooLong(usize),
-}
-
-/// Where a guest queue lives and how it is notified: what a VMM hands to svq.
-#[derive(Debug, Clone)]
-pub struct GuestQueue {
-    /// Queue index.
-    pub index: u32,
-    /// Ring layout (size).
-    pub layout: RingLayout,
-    /// Guest address of the descriptor table.
-    pub desc: u64,
-    /// Guest address of the avail ring.
-    pub avail: u64,
-    /// Guest address of the used ring.
-    pub used: u64,
-    /// The guest kicks this.
-    pub kick: Arc<EventFd>,
-    /// The guest is called through this.
-    pub call: Arc<EventFd>,
-    /// VIRTIO_RING_F_EVENT_IDX on this ring.
-    pub event_idx: bool,
-    /// VIRTIO_RING_F_INDIRECT_DESC on this ring.
-    pub indirect: bool,
-    /// Set when the queue breaks, by whoever serves the ring.
-    pub health: Arc<QueueHealth>,
-}
-
-impl GuestQueue {
-    /// The ring, through guest memory.
-    pub fn vring(&self, mem: &GuestMemory) -> Result<Vring, MemError> {
-        let d = mem.host_ptr(self.desc, self.layout.desc_bytes())?;
-        let a = mem.host_ptr(self.avail, self.layout.avail_bytes())?;
-        let u = mem.host_ptr(self.used, self.layout.used_bytes())?;
-        // SAFETY: each part lies in one region of `mem` (host_ptr checked the full size),
-        // guest memory outlives every user of the ring (they hold Arc<GuestMemory>), and
-        // the driver placed the parts at 16/2/4-aligned addresses of page-aligned regions.
-        Ok(unsafe { Vring::new(d, a, u, self.layout) })
-    }
+    /// A request the driver refuses before touching the ring (e.g. an empty buffer, which
+    /// would be a zero-length descriptor the other side must refuse).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// A completed chain.
@@ -151,9 +118,7 @@ impl Driver {
         for (i, &size) in sizes.iter().enumerate() {
             let layout = RingLayout::new(size).ok_or(DriverError::NoQueue(i as u32))?;
             let (d, a, u, total) = layout.packed_offsets();
-            let m = arena
-                .alloc(align_up(total, PAGE_SIZE), 0, None, Perm::ReadWrite)
-                .map_err(|_| DriverError::NoMemory(total))?;
+            let m = arena.alloc(align_up(total, PAGE_SIZE), 0, None, Perm::ReadWrite).map_err(|_| DriverError::NoMemory(total))?;
             mem.write(m.iova, &vec![0u8; total as usize])?;
             let spec = GuestQueue {
                 index: i as u32,
@@ -161,13 +126,14 @@ impl Driver {
                 desc: m.iova + d,
                 avail: m.iova + a,
                 used: m.iova + u,
+                base: 0,
                 kick: Arc::new(EventFd::new().map_err(|e| MemError::Os { op: "eventfd", errno: e })?),
                 call: Arc::new(EventFd::new().map_err(|e| MemError::Os { op: "eventfd", errno: e })?),
                 event_idx,
                 indirect,
                 health: Arc::new(QueueHealth::default()),
             };
-            let writer = RingWriter::new(spec.vring(&mem)?, 0, event_idx);
+            let writer = RingWriter::new(mem.vring(layout, spec.desc, spec.avail, spec.used)?, 0, event_idx);
             queues.push(DriverQueue { spec, writer, posted: (0..size).map(|_| None).collect() });
         }
         Ok(Driver { mem, queues, arena })
@@ -191,10 +157,7 @@ impl Driver {
         if len > u32::MAX as usize {
             return Err(DriverError::TooLong(len));
         }
-        self.arena
-            .alloc(len.max(1) as u64, 0, None, Perm::ReadWrite)
-            .map(|m| m.iova)
-            .map_err(|_| DriverError::NoMemory(len as u64))
+        self.arena.alloc(len.max(1) as u64, 0, None, Perm::ReadWrite).map(|m| m.iova).map_err(|_| DriverError::NoMemory(len as u64))
     }
 
     /// Posts one chain: each `out` part in its own device-readable buffer, then one
@@ -209,7 +172,7 @@ impl Driver {
     }
 
     /// Like [`Driver::add`], but the chain goes in an indirect table in guest memory and
-    /// takes one descriptor of the ring (VIRTIO_RING_F_INDIRECT_DESC).
+    /// takes one descriptor of the ring (`RING_INDIRECT_DESC`).
     pub fn add_indirect(&mut self, q: u32, out: &[&[u8]], in_sizes: &[u32]) -> Result<u16, DriverError> {
         let mut posted = Posted::default();
         let res = self.fill(&mut posted, out, in_sizes).and_then(|_| {
@@ -251,6 +214,12 @@ impl Driver {
     }
 
     fn fill(&mut self, posted: &mut Posted, out: &[&[u8]], in_sizes: &[u32]) -> Result<(), DriverError> {
+        if out.is_empty() && in_sizes.is_empty() {
+            return Err(DriverError::Invalid("a chain needs at least one buffer".into()));
+        }
+        if out.iter().any(|p| p.is_empty()) || in_sizes.contains(&0) {
+            return Err(DriverError::Invalid("a buffer of 0 bytes cannot be posted: virtio forbids zero-length descriptors".into()));
+        }
         for part in out {
             let addr = self.alloc(part.len())?;
             posted.allocs.push(addr);
@@ -342,6 +311,11 @@ impl Driver {
             call.wait(deadline - now);
         }
         Ok(out)
+    }
+
+    /// Fails with [`DriverError::NoQueue`] unless queue `q` exists.
+    pub fn queue_exists(&self, q: u32) -> Result<(), DriverError> {
+        self.queues.get(q as usize).map(drop).ok_or(DriverError::NoQueue(q))
     }
 
     /// Chains in flight on queue `q`.

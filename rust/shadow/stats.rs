@@ -1,62 +1,6 @@
-//! What a shadow queue reports: its health (the fault that broke it, if any) and its
-//! counters, both readable while the engine runs.
+//! A shadow queue's counters, readable while the engine runs.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
-
-/// Which party broke a queue, and how.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FaultKind {
-    /// The guest wrote an invalid chain or index.
-    Guest,
-    /// The device wrote an invalid used entry.
-    DeviceProtocol,
-    /// The device entered NEEDS_RESET (e.g. its IOTLB refused an access).
-    DeviceNeedsReset,
-    /// An element can never fit the shadow ring, or is too large to copy.
-    TooLarge,
-    /// svq itself failed (a panic on the engine thread, e.g. in a hook).
-    Internal,
-}
-
-/// Why a queue stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct QueueFault {
-    /// Who broke it.
-    pub kind: FaultKind,
-    /// What happened, naming the broken rule.
-    pub message: String,
-}
-
-/// Health of a queue, shared between the engine and whoever waits on the queue.
-#[derive(Debug, Default)]
-pub struct QueueHealth {
-    fault: Mutex<Option<QueueFault>>,
-    /// Set (after `fault`) once the queue broke: the hot path's check, without the lock.
-    broken: AtomicBool,
-}
-
-impl QueueHealth {
-    /// The fault that broke the queue, if any.
-    pub fn fault(&self) -> Option<QueueFault> {
-        self.fault.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Whether the queue was broken (a lock-free check; [`QueueHealth::fault`] says why).
-    #[inline]
-    pub fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Acquire)
-    }
-
-    /// Marks the queue broken (the first fault wins).
-    pub fn set(&self, kind: FaultKind, message: String) {
-        let mut f = self.fault.lock().unwrap_or_else(|p| p.into_inner());
-        if f.is_none() {
-            *f = Some(QueueFault { kind, message });
-        }
-        self.broken.store(true, Ordering::Release);
-    }
-}
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Per-queue counters, readable while the engine runs.
 #[derive(Debug, Default)]

@@ -1,0 +1,140 @@
+"""Typed results of svq's calls: what each dict holds, for type checkers and readers.
+
+>>> import svq
+>>> with svq.Session("sim:net") as s:
+...     stats: svq.types.QueueStats = s.stats(svq.net.TX)
+...     stats["elements"]
+0
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypedDict
+
+#: How a queue reaches the device.
+ModeName = Literal["translate", "copy", "passthrough"]
+#: Who broke a queue.
+FaultKindName = Literal["guest", "device_protocol", "device_needs_reset", "too_large", "internal"]
+
+
+class QueueStats(TypedDict):
+    """Counters of one queue (``Session.stats``); zero for a passthrough queue.
+
+    >>> import svq
+    >>> with svq.Session("sim:net") as s:
+    ...     s.driver.send(svq.net.TX, [svq.net.frame(svq.net.BROADCAST, b"x")])
+    ...     _ = s.driver.wait(svq.net.TX, 1)
+    ...     s.stats(svq.net.TX)["completed"]
+    [0]
+    1
+    """
+
+    elements: int
+    completed: int
+    bytes_out: int
+    bytes_in: int
+    guest_kicks: int
+    device_kicks: int
+    device_kicks_suppressed: int
+    device_calls: int
+    guest_calls: int
+    guest_calls_suppressed: int
+    held: int
+    injected: int
+    answered: int
+    refused: int
+    map_failures: int
+    returned_on_stop: int
+    errors: int
+
+
+class QueueFault(TypedDict):
+    """Why a queue broke (``Session.queue_fault``). ``rule`` is a stable identifier of
+    the broken rule (one of ``svq.FAULT_RULES``), e.g. ``"used_len_exceeds_writable"``."""
+
+    queue: int
+    kind: FaultKindName
+    rule: str
+    message: str
+
+
+class CvqInfo(TypedDict):
+    """Where the virtio-net control queue is (``Session.cvq_info``).
+
+    >>> import svq
+    >>> with svq.Session("sim:net", mode="passthrough", queue_modes={2: "copy"}) as s:
+    ...     info = s.cvq_info()
+    ...     (info["queue"], info["isolated"], info["asid"]) if info else None
+    (2, True, 1)
+    """
+
+    queue: int
+    mode: ModeName
+    isolated: bool
+    asid: int
+    fallback: str | None
+    commands: int
+    acked: int
+    answered_locally: int
+
+
+class RxModes(TypedDict):
+    """virtio-net RX modes (class RX of the control queue)."""
+
+    promisc: bool
+    allmulti: bool
+    alluni: bool
+    nomulti: bool
+    nouni: bool
+    nobcast: bool
+
+
+class NetState(TypedDict, total=False):
+    """The virtio-net control-plane state tracked from acknowledged commands
+    (``Session.net_state``), and what ``restore=`` takes. MACs are 6-byte lists.
+
+    >>> import svq
+    >>> with svq.Session("sim:net", queue_modes={2: "copy"}) as s:
+    ...     _ = s.driver.request(2, [svq.net.mac_addr_set(bytes.fromhex("020000000001"))], 1)
+    ...     bytes((s.net_state() or {}).get("mac") or b"").hex()
+    '020000000001'
+    """
+
+    mac: list[int] | None
+    unicast: list[list[int]]
+    multicast: list[list[int]]
+    mq_pairs: int | None
+    rss: bytes | None
+    hash: bytes | None
+    offloads: int | None
+    rx: RxModes
+    vlans: list[int]
+
+
+class MappingInfo(TypedDict):
+    """One live IOTLB mapping of a session (``Session.mappings``)."""
+
+    asid: int
+    iova: int
+    size: int
+    guest_addr: int | None
+    perm: Literal["ReadOnly", "WriteOnly", "ReadWrite"]
+
+
+class GuestRing(TypedDict):
+    """Guest addresses of a queue's ring (``Driver.ring``)."""
+
+    desc: int
+    avail: int
+    used: int
+    size: int
+
+
+class LiveResources(TypedDict):
+    """What svq holds in the whole process (``svq.live_resources``): eventfds, worker
+    threads, bounce buffers, and bytes kept because a device may still reach them."""
+
+    eventfds: int
+    threads: int
+    bounce_buffers: int
+    quarantined_bytes: int

@@ -1,0 +1,42 @@
+//! Guest fronts: who supplies the guest side of a session, i.e. guest memory, the guest's
+//! rings (addresses in that memory) and the guest's notifiers. The shadow queues and the
+//! device do not know which front they serve.
+//!
+//! - [`driver`]: svq allocates the memory and plays the guest itself (demo, tests,
+//!   benchmarks).
+
+pub mod driver;
+
+use std::sync::Arc;
+
+use crate::eventfd::EventFd;
+use crate::fault::QueueHealth;
+use crate::ring::RingLayout;
+
+/// Where a guest queue lives and how it is notified: what a front hands to a session.
+#[derive(Debug, Clone)]
+pub struct GuestQueue {
+    /// Queue index (on the device).
+    pub index: u32,
+    /// Ring layout (size).
+    pub layout: RingLayout,
+    /// Guest address of the descriptor table.
+    pub desc: u64,
+    /// Guest address of the avail ring.
+    pub avail: u64,
+    /// Guest address of the used ring.
+    pub used: u64,
+    /// The avail index the guest's next chain will have (its used index is the same: the
+    /// ring starts with nothing in flight).
+    pub base: u16,
+    /// The guest kicks this.
+    pub kick: Arc<EventFd>,
+    /// The guest is called through this.
+    pub call: Arc<EventFd>,
+    /// `RING_EVENT_IDX` on this ring.
+    pub event_idx: bool,
+    /// `RING_INDIRECT_DESC` on this ring.
+    pub indirect: bool,
+    /// Set when the queue breaks, by whoever serves the ring.
+    pub health: Arc<QueueHealth>,
+}

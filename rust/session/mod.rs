@@ -1,0 +1,410 @@
+//! A session: one device negotiated, guest memory mapped, each queue set up in passthrough
+//! (the device reads the guest ring at the IOVA of guest memory) or shadowed (translate or
+//! copy), the virtio-net control queue put in its own address space when the device allows
+//! it, a saved control-plane state restored, and the engine running. Closing undoes every
+//! step, also after a failure half-way through starting. Its parts:
+//! - [`negotiate`]: the features svq can drive with the device;
+//! - [`placement`]: each queue's mode and address space, the control queue's place;
+//! - [`setup`]: guest memory mapped, shadow rings built, the device started;
+//! - [`restore`]: a saved control-plane state replayed;
+//! - [`teardown`]: stop, reset, unmap, and memory freed only when the device cannot reach it;
+//! - [`claim`]: one session per device at a time.
+
+mod claim;
+mod negotiate;
+mod placement;
+mod restore;
+mod setup;
+mod teardown;
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+
+pub use placement::CvqInfo;
+
+use crate::bounce::Strategy;
+use crate::device::{Device, DeviceError};
+use crate::dma::{Dma, DmaError};
+use crate::engine::{Engine, Request};
+use crate::front::driver::{Driver, DriverError};
+use crate::front::GuestQueue;
+use crate::iova::Mapping;
+use crate::mem::{GuestMemory, MemError};
+use crate::net::NetState;
+use crate::shadow::cvq::CvqCounters;
+use crate::shadow::{InjectError, InjectResult, InjectSlot, QueueHook, QueueStats};
+use claim::DeviceClaim;
+use teardown::Teardown;
+
+/// How a queue reaches the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The device reads the guest ring directly (guest memory mapped at IOVA = guest
+    /// address): the baseline every overhead figure is measured against.
+    Passthrough,
+    /// svq forwards the guest's chains on a shadow ring, addresses translated to IOVAs.
+    Translate,
+    /// svq forwards copies of the guest's chains in bounce buffers.
+    Copy,
+}
+
+impl Mode {
+    /// Its name ("passthrough", "translate", "copy").
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Passthrough => "passthrough",
+            Mode::Translate => "translate",
+            Mode::Copy => "copy",
+        }
+    }
+}
+
+/// What to set up.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Mode of every queue not named in `queue_modes`.
+    pub mode: Mode,
+    /// Per-queue overrides.
+    pub queue_modes: Vec<(u32, Mode)>,
+    /// Bounce buffers of copy-mode queues (and of injections).
+    pub copy_strategy: Strategy,
+    /// Queue size (capped at the device's maximum).
+    pub queue_size: u16,
+    /// Guest memory regions as (guest address, size).
+    pub memory: Vec<(u64, u64)>,
+    /// Use EVENT_IDX where possible.
+    pub event_idx: bool,
+    /// Offer INDIRECT_DESC to the guest (in passthrough only if the device offers it).
+    pub indirect: bool,
+    /// Put a copy-mode control queue in its own address space when the device allows it.
+    pub isolate_cvq: bool,
+    /// Track the virtio-net control-plane state on a shadowed control queue.
+    pub track_net_state: bool,
+    /// A state to restore through the control queue before the data queues start.
+    pub restore: Option<NetState>,
+    /// How long restore waits for all acknowledgements.
+    pub restore_timeout: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            mode: Mode::Translate,
+            queue_modes: Vec::new(),
+            copy_strategy: Strategy::Pool,
+            queue_size: 256,
+            memory: vec![(0x4000_0000, 32 << 20)],
+            event_idx: true,
+            indirect: false,
+            isolate_cvq: true,
+            track_net_state: true,
+            restore: None,
+            restore_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A failed session operation.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// A device operation failed.
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    /// The guest driver failed.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// A map or unmap failed.
+    #[error(transparent)]
+    Dma(#[from] DmaError),
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// Bounce buffers could not be made.
+    #[error(transparent)]
+    Bounce(#[from] crate::bounce::BounceError),
+    /// The device lacks something svq needs, or refused the features.
+    #[error("feature negotiation: {0}")]
+    Negotiation(String),
+    /// A bad argument.
+    #[error("{0}")]
+    Invalid(String),
+    /// Another session owns the device.
+    #[error("device is in use by another session: close that one first")]
+    Busy,
+    /// An eventfd or thread could not be created.
+    #[error("{op}: {errno}")]
+    Os {
+        /// What was being done.
+        op: &'static str,
+        /// The errno.
+        #[source]
+        errno: Errno,
+    },
+    /// Injected elements did not all complete in time.
+    #[error("{pending} injected element(s) on queue {queue} did not complete within {timeout:?}")]
+    Timeout {
+        /// Queue.
+        queue: u32,
+        /// Elements still pending.
+        pending: usize,
+        /// How long we waited.
+        timeout: Duration,
+    },
+    /// An injected element failed.
+    #[error(transparent)]
+    Injected(#[from] InjectError),
+    /// A restore command was refused or failed.
+    #[error("restore: command {index} ({name}) {reason}")]
+    Restore {
+        /// Position in the restore sequence.
+        index: usize,
+        /// Command name.
+        name: &'static str,
+        /// What happened.
+        reason: String,
+    },
+    /// The session was closed.
+    #[error("session is closed")]
+    Closed,
+}
+
+pub(crate) fn os(op: &'static str) -> impl Fn(Errno) -> SessionError {
+    move |errno| SessionError::Os { op, errno }
+}
+
+/// A device set up for use.
+#[derive(Debug)]
+pub struct Session {
+    device: Arc<dyn Device>,
+    dma: Arc<Dma>,
+    claim: Option<DeviceClaim>,
+    features: u64,
+    backend_features: u64,
+    num_queues: u32,
+    modes: Vec<Mode>,
+    /// The in-process guest driver.
+    driver: Option<Driver>,
+    /// Guest memory and the guest's queues, as the front handed them over.
+    guest_mem: Option<Arc<GuestMemory>>,
+    guest_queues: Vec<GuestQueue>,
+    /// Host memory of the shadow rings.
+    ring_mem: Vec<GuestMemory>,
+    engine: Option<Engine>,
+    stats: Vec<Arc<QueueStats>>,
+    cvq: Option<CvqInfo>,
+    net_state: Option<Arc<Mutex<NetState>>>,
+    cvq_counters: Option<Arc<CvqCounters>>,
+    closed: bool,
+}
+
+impl Session {
+    /// Resets and negotiates `device`, maps guest memory, sets up every queue and starts.
+    /// The device must not be in use by another session.
+    pub fn start(device: Arc<dyn Device>, cfg: &SessionConfig) -> Result<Self, SessionError> {
+        let claim = DeviceClaim::take(&device)?;
+        let dma = Arc::new(Dma::new(device.clone())?);
+        let mut s = Session {
+            device,
+            dma,
+            claim: Some(claim),
+            features: 0,
+            backend_features: 0,
+            num_queues: 0,
+            modes: Vec::new(),
+            driver: None,
+            guest_mem: None,
+            guest_queues: Vec::new(),
+            ring_mem: Vec::new(),
+            engine: None,
+            stats: Vec::new(),
+            cvq: None,
+            net_state: None,
+            cvq_counters: None,
+            closed: false,
+        };
+        match s.setup(cfg) {
+            Ok(()) => Ok(s),
+            Err(e) => {
+                // Undo whatever was done; the setup error is the one worth reporting.
+                let _ = s.close();
+                Err(e)
+            }
+        }
+    }
+
+    /// Each queue's mode.
+    pub fn modes(&self) -> &[Mode] {
+        &self.modes
+    }
+
+    /// Negotiated virtio features.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Acked backend features.
+    pub fn backend_features(&self) -> u64 {
+        self.backend_features
+    }
+
+    /// Number of queues.
+    pub fn num_queues(&self) -> u32 {
+        self.num_queues
+    }
+
+    /// Where the control queue is (virtio-net with a control queue only).
+    pub fn cvq(&self) -> Option<&CvqInfo> {
+        self.cvq.as_ref()
+    }
+
+    /// The tracked control-plane state (a shadowed control queue only).
+    pub fn net_state(&self) -> Option<NetState> {
+        self.net_state.as_ref().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// (commands, acked, answered locally) on the control queue.
+    pub fn cvq_counts(&self) -> Option<(u64, u64, u64)> {
+        self.cvq_counters
+            .as_ref()
+            .map(|c| (c.commands.load(Ordering::Relaxed), c.acked.load(Ordering::Relaxed), c.answered_locally.load(Ordering::Relaxed)))
+    }
+
+    /// The in-process guest driver.
+    pub fn driver(&mut self) -> Result<&mut Driver, SessionError> {
+        self.driver.as_mut().ok_or(SessionError::Closed)
+    }
+
+    /// The guest's queues, as the front described them.
+    pub fn guest_queues(&self) -> &[GuestQueue] {
+        &self.guest_queues
+    }
+
+    /// Counters of queue `q` (zero for a passthrough queue: svq is not on its path).
+    pub fn stats(&self, q: u32) -> Option<Vec<(&'static str, u64)>> {
+        self.stats.get(q as usize).map(|s| s.snapshot())
+    }
+
+    fn engine_for(&self, q: u32) -> Result<&Engine, SessionError> {
+        let e = self.engine.as_ref().ok_or(SessionError::Closed)?;
+        if q >= self.num_queues {
+            return Err(SessionError::Invalid(format!("queue {q} does not exist (the device has {})", self.num_queues)));
+        }
+        if !e.has_queue(q) {
+            return Err(SessionError::Invalid(format!("queue {q} is not shadowed")));
+        }
+        Ok(e)
+    }
+
+    /// Injects elements (readable bytes, writable size) on shadowed queue `q`, all in
+    /// flight at once; each slot completes with (length, written bytes) or an error.
+    pub fn inject_many(&self, q: u32, elements: Vec<(Vec<u8>, u32)>) -> Result<Vec<Arc<InjectSlot>>, SessionError> {
+        let engine = self.engine_for(q)?;
+        let slots: Vec<Arc<InjectSlot>> = elements.iter().map(|_| Arc::new(InjectSlot::default())).collect();
+        let reqs = elements
+            .into_iter()
+            .zip(&slots)
+            .map(|((out, in_len), slot)| Request::Inject { queue: q, out, in_len, slot: slot.clone() })
+            .collect();
+        engine.submit(reqs);
+        Ok(slots)
+    }
+
+    /// Waits for injected elements with one deadline for all of them; what did not
+    /// complete by then is a [`SessionError::Timeout`].
+    pub fn wait_all(q: u32, slots: &[Arc<InjectSlot>], timeout: Duration) -> Result<Vec<InjectResult>, SessionError> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(slots.len());
+        for (i, slot) in slots.iter().enumerate() {
+            match slot.wait_until(deadline) {
+                Some(r) => out.push(r),
+                None => return Err(SessionError::Timeout { queue: q, pending: slots.len() - i, timeout }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Attaches a hook to shadowed queue `q`. The hook sees every element popped after
+    /// the returned slot completes (wait for it without holding anything the engine
+    /// thread or a hook might need).
+    pub fn add_hook(&self, q: u32, hook: Box<dyn QueueHook>) -> Result<Arc<InjectSlot>, SessionError> {
+        let done = Arc::new(InjectSlot::default());
+        self.engine_for(q)?.submit(vec![Request::Hook { queue: q, hook, done: done.clone() }]);
+        Ok(done)
+    }
+
+    /// The session's live mappings with their address space, by IOVA.
+    pub fn mappings(&self) -> Vec<(u32, Mapping)> {
+        self.dma.mappings()
+    }
+
+    /// Number of live mappings.
+    pub fn live_mappings(&self) -> usize {
+        self.dma.live()
+    }
+
+    /// (maps, unmaps) sent to the device so far.
+    pub fn map_counts(&self) -> (u64, u64) {
+        self.dma.counts()
+    }
+
+    /// `VHOST_VDPA_SUSPEND`.
+    pub fn suspend(&self) -> Result<(), SessionError> {
+        Ok(self.device.suspend()?)
+    }
+
+    /// `VHOST_VDPA_RESUME`.
+    pub fn resume(&self) -> Result<(), SessionError> {
+        Ok(self.device.resume()?)
+    }
+
+    /// `VHOST_GET_VRING_BASE` of queue `q` (trustworthy after suspend).
+    pub fn vring_base(&self, q: u32) -> Result<u16, SessionError> {
+        Ok(self.device.vring_base(q)?)
+    }
+
+    /// Stops the engine, resets the device, returns every element in flight, unbinds
+    /// every eventfd, unmaps everything and wakes every waiter. Memory the device might
+    /// still reach (its reset was not acknowledged, or an unmap failed) is kept, never
+    /// freed (see [`crate::live::quarantined_bytes`]). Idempotent; every step runs even
+    /// when an earlier one fails, and the first error is returned.
+    ///
+    /// Safe from any thread, the engine's included (a hook closing its own session): the
+    /// teardown then finishes on the engine thread once the hook returned, and this call
+    /// returns at once.
+    pub fn close(&mut self) -> Result<(), SessionError> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        let teardown = Teardown {
+            device: self.device.clone(),
+            dma: self.dma.clone(),
+            claim: self.claim.take(),
+            num_queues: self.num_queues,
+            ring_mem: std::mem::take(&mut self.ring_mem),
+            driver: self.driver.take(),
+            guest_mem: self.guest_mem.take(),
+            guest_queues: std::mem::take(&mut self.guest_queues),
+        };
+        match self.engine.take() {
+            Some(engine) if engine.on_engine_thread() => {
+                engine.stop_from_engine_thread(Box::new(move |queues| drop(teardown.run(queues))));
+                Ok(())
+            }
+            Some(engine) => teardown.run(engine.stop()),
+            None => teardown.run(Vec::new()),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,33 @@
+//! Restoring a saved virtio-net control-plane state on a freshly started device: the
+//! commands that differ from the reset defaults, all in flight at once, every ack checked.
+
+use std::time::Duration;
+
+use super::{Session, SessionError};
+use crate::net::{NetState, ACK_OK};
+use crate::virtio::net_feature;
+
+impl Session {
+    /// Sends the commands that bring the device to `saved`, all in flight at once, and
+    /// checks every acknowledgement within one deadline.
+    pub(super) fn restore(&mut self, saved: &NetState, timeout: Duration) -> Result<(), SessionError> {
+        let cvq = self.cvq.as_ref().map(|c| c.queue).ok_or_else(|| SessionError::Invalid("no control queue".into()))?;
+        let mut mac = [0u8; 6];
+        if crate::virtio::has(self.features, net_feature::MAC) {
+            self.device.config(0, &mut mac)?;
+        }
+        let cmds = saved.restore_commands(mac);
+        let slots = self.inject_many(cvq, cmds.iter().map(|c| (c.encode(), 1)).collect())?;
+        let deadline = std::time::Instant::now() + timeout;
+        for (index, (cmd, slot)) in cmds.iter().zip(slots).enumerate() {
+            let fail = |reason: String| SessionError::Restore { index, name: cmd.name(), reason };
+            match slot.wait_until(deadline) {
+                None => return Err(fail(format!("got no acknowledgement within {timeout:?}"))),
+                Some(Err(e)) => return Err(fail(e.to_string())),
+                Some(Ok((len, ack))) if len == 1 && ack.first() == Some(&ACK_OK) => {}
+                Some(Ok((len, ack))) => return Err(fail(format!("was refused (ack {ack:?}, length {len})"))),
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,209 @@
+//! Starting a session: the device reset and negotiated, the guest side set up, guest
+//! memory mapped, every queue pointed at the guest ring (passthrough) or at a shadow ring
+//! of svq's own, the device started, a saved state restored, the data queues enabled.
+
+use std::os::fd::AsFd;
+use std::sync::{Arc, Mutex};
+
+use super::placement::Plan;
+use super::{os, Mode, Session, SessionConfig, SessionError};
+use crate::bounce::{BouncePool, Strategy};
+use crate::dma::MapRequest;
+use crate::engine::Engine;
+use crate::eventfd::EventFd;
+use crate::front::driver::Driver;
+use crate::front::GuestQueue;
+use crate::mem::GuestMemory;
+use crate::net::NetState;
+use crate::ring::layout::align_up;
+use crate::ring::{RingReader, RingWriter};
+use crate::shadow::cvq::{CvqCounters, CvqTracker};
+use crate::shadow::{BounceSpace, Forwarding, QueueStats, RegionIova, ShadowFds, ShadowParts, ShadowQueue};
+use crate::virtio::{backend_feature as bf, feature, status, Perm, PAGE_SIZE};
+
+impl Session {
+    pub(super) fn setup(&mut self, cfg: &SessionConfig) -> Result<(), SessionError> {
+        let dev = self.device.clone();
+        dev.set_status(0)?;
+        dev.set_status(status::ACKNOWLEDGE | status::DRIVER)?;
+        self.num_queues = dev.num_queues()?;
+        let offered_backend = dev.backend_features()?;
+        // Back-end features are acked only as used: ASID when the control queue may get
+        // its own address space, ENABLE_AFTER_DRIVER_OK when data queues wait for restore.
+        let mut want_backend = (1 << bf::IOTLB_MSG_V2) | (1 << bf::IOTLB_BATCH) | (1 << bf::SUSPEND) | (1 << bf::RESUME);
+        if cfg.isolate_cvq {
+            want_backend |= 1 << bf::IOTLB_ASID;
+        }
+        if cfg.restore.is_some() {
+            want_backend |= 1 << bf::ENABLE_AFTER_DRIVER_OK;
+        }
+        let id = self.negotiate(cfg, offered_backend, want_backend)?;
+        let plan = self.plan(cfg, id, self.backend_features)?;
+        self.modes = plan.modes.clone();
+        self.cvq = plan.cvq.clone();
+        // With a state to restore, the data queues start only after every ack is OK, which
+        // needs a device that takes queue enables after DRIVER_OK.
+        if cfg.restore.is_some() && self.backend_features & (1 << bf::ENABLE_AFTER_DRIVER_OK) == 0 {
+            return Err(SessionError::Negotiation(
+                "restoring a state needs backend feature ENABLE_AFTER_DRIVER_OK (data queues start after the acks)".into(),
+            ));
+        }
+
+        // The guest's rings: in passthrough the device reads them, so they may use only
+        // what the device negotiated; shadowed, svq serves them and offers both.
+        let has = |bit: u32| crate::virtio::has(self.features, bit);
+        let any_passthrough = plan.modes.contains(&Mode::Passthrough);
+        let (guest_event_idx, guest_indirect) =
+            if any_passthrough { (has(feature::RING_EVENT_IDX), has(feature::RING_INDIRECT_DESC)) } else { (cfg.event_idx, cfg.indirect) };
+        let size = cfg.queue_size.min(dev.max_queue_size()?);
+        let mem = Arc::new(GuestMemory::new(&cfg.memory)?);
+        self.guest_mem = Some(mem.clone());
+        let driver = Driver::new(mem.clone(), &vec![size; self.num_queues as usize], guest_event_idx, guest_indirect)?;
+        self.guest_queues = driver.guest_queues();
+        self.driver = Some(driver);
+        self.start_queues(cfg, &plan, &mem, size)
+    }
+
+    /// Maps guest memory, sets up every queue, starts the device and the engine,
+    /// restores a saved state and enables the queues that waited for it.
+    fn start_queues(&mut self, cfg: &SessionConfig, plan: &Plan, mem: &Arc<GuestMemory>, size: u16) -> Result<(), SessionError> {
+        let dev = self.device.clone();
+        if let Some(c) = plan.cvq.as_ref().filter(|c| c.isolated) {
+            dev.set_group_asid(plan.cvq_group, c.asid)?;
+        }
+        let regions = self.map_guest_memory(plan, mem)?;
+        let guest_queues = self.guest_queues.clone();
+        let mut shadows = Vec::new();
+        for gq in &guest_queues {
+            let q = gq.index as usize;
+            let stats = Arc::new(QueueStats::default());
+            self.stats.push(stats.clone());
+            dev.set_vring_num(gq.index, size)?;
+            dev.set_vring_base(gq.index, gq.base)?;
+            let forwarding = match plan.modes[q] {
+                Mode::Passthrough => {
+                    dev.set_vring_addr(gq.index, gq.desc, gq.avail, gq.used)?;
+                    dev.set_vring_kick(gq.index, Some(gq.kick.as_fd()))?;
+                    dev.set_vring_call(gq.index, Some(gq.call.as_fd()))?;
+                    continue;
+                }
+                Mode::Translate => Forwarding::Translate,
+                Mode::Copy => Forwarding::Copy(cfg.copy_strategy),
+            };
+            let mut sq = self.shadow_queue(gq, mem, &regions, stats, forwarding, plan.asids[q], cfg.copy_strategy)?;
+            if plan.cvq.as_ref().is_some_and(|c| c.queue == gq.index) && (cfg.track_net_state || cfg.restore.is_some()) {
+                let state = Arc::new(Mutex::new(NetState::default()));
+                let counters = Arc::new(CvqCounters::default());
+                sq.add_hook(Box::new(CvqTracker { state: state.clone(), counters: counters.clone() }));
+                self.net_state = Some(state);
+                self.cvq_counters = Some(counters);
+            }
+            shadows.push(sq);
+        }
+        let config_call = EventFd::new().map_err(os("eventfd"))?;
+        dev.set_config_call(Some(config_call.as_fd()))?;
+        let late: Vec<u32> = if cfg.restore.is_some() { plan.data_queues.clone() } else { Vec::new() };
+        for q in (0..self.num_queues).filter(|q| !late.contains(q)) {
+            dev.set_vring_enable(q, true)?;
+        }
+        dev.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK)?;
+        let watched = guest_queues.iter().map(|g| (g.index, g.health.clone(), g.call.clone())).collect();
+        self.engine = Some(Engine::start(shadows, dev.clone(), config_call, watched).map_err(os("start engine"))?);
+        if let Some(saved) = &cfg.restore {
+            self.restore(saved, cfg.restore_timeout)?;
+        }
+        for &q in &late {
+            dev.set_vring_enable(q, true)?;
+        }
+        Ok(())
+    }
+
+    /// Maps guest memory (in ASID 0) when a queue reaches it there: at IOVA = guest
+    /// address when any queue is passthrough, anywhere otherwise. Returns where each
+    /// region went.
+    fn map_guest_memory(&mut self, plan: &Plan, mem: &GuestMemory) -> Result<Vec<RegionIova>, SessionError> {
+        let needed =
+            (0..self.num_queues as usize).any(|q| plan.asids[q] == 0 && matches!(plan.modes[q], Mode::Passthrough | Mode::Translate));
+        if !needed {
+            return Ok(Vec::new());
+        }
+        let at_gpa = plan.modes.contains(&Mode::Passthrough);
+        let reqs: Vec<MapRequest> = mem
+            .regions()
+            .iter()
+            .map(|r| MapRequest {
+                size: r.size,
+                host: r.host_addr(),
+                guest: Some(r.gpa),
+                perm: Perm::ReadWrite,
+                at: at_gpa.then_some(r.gpa),
+            })
+            .collect();
+        let maps = self.dma.map(0, &reqs)?;
+        Ok(maps.iter().zip(mem.regions()).map(|(m, r)| RegionIova { gpa: r.gpa, size: r.size, iova: m.iova }).collect())
+    }
+
+    /// Builds the shadow ring of one queue: host memory mapped for the device (descriptors
+    /// and avail read-only, used writable) in the queue's address space, eventfds bound,
+    /// bounce buffers for copy mode, and the shadow queue itself.
+    #[allow(clippy::too_many_arguments)]
+    fn shadow_queue(
+        &mut self,
+        gq: &GuestQueue,
+        mem: &Arc<GuestMemory>,
+        regions: &[RegionIova],
+        stats: Arc<QueueStats>,
+        forwarding: Forwarding,
+        asid: u32,
+        strategy: Strategy,
+    ) -> Result<ShadowQueue, SessionError> {
+        let dev = self.device.clone();
+        let layout = gq.layout;
+        let ro_len = align_up(layout.desc_bytes() + layout.avail_bytes(), PAGE_SIZE);
+        let rw_len = align_up(layout.used_bytes(), PAGE_SIZE);
+        let ring_mem = GuestMemory::new(&[(0, ro_len + rw_len)])?;
+        let shadow_ring = ring_mem.vring(layout, 0, layout.desc_bytes(), ro_len)?;
+        let host = ring_mem.regions()[0].host_addr();
+        // Kept until the session's teardown decides the device cannot reach it any more.
+        self.ring_mem.push(ring_mem);
+        let maps = self.dma.map(
+            asid,
+            &[
+                MapRequest { size: ro_len, host, guest: None, perm: Perm::ReadOnly, at: None },
+                MapRequest { size: rw_len, host: host + ro_len, guest: None, perm: Perm::ReadWrite, at: None },
+            ],
+        )?;
+        let (ro, rw) = (maps[0], maps[1]);
+        let device_event_idx = crate::virtio::has(self.features, feature::RING_EVENT_IDX);
+        let shadow = RingWriter::new(shadow_ring, 0, device_event_idx);
+        dev.set_vring_base(gq.index, 0)?;
+        dev.set_vring_addr(gq.index, ro.iova, ro.iova + layout.desc_bytes(), rw.iova)?;
+        let fds = ShadowFds {
+            guest_kick: gq.kick.clone(),
+            guest_call: gq.call.clone(),
+            device_kick: EventFd::new().map_err(os("eventfd"))?,
+            device_call: EventFd::new().map_err(os("eventfd"))?,
+        };
+        dev.set_vring_kick(gq.index, Some(fds.device_kick.as_fd()))?;
+        dev.set_vring_call(gq.index, Some(fds.device_call.as_fd()))?;
+        let guest = RingReader::new(mem.vring(layout, gq.desc, gq.avail, gq.used)?, gq.base, gq.event_idx, gq.indirect);
+        let bounce_space = BounceSpace { dma: self.dma.clone(), asid, strategy };
+        let bounce = match forwarding {
+            Forwarding::Copy(st) => Some(BouncePool::new(self.dma.clone(), asid, st, 1)?),
+            Forwarding::Translate => None,
+        };
+        Ok(ShadowQueue::new(ShadowParts {
+            index: gq.index,
+            forwarding,
+            guest,
+            shadow,
+            mem: mem.clone(),
+            regions: regions.to_vec(),
+            fds,
+            stats,
+            health: gq.health.clone(),
+            bounce_space: Some(bounce_space),
+            bounce,
+        }))
+    }
+}

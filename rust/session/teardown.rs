@@ -1,0 +1,81 @@
+//! Closing a session: stop the engine, reset the device, return what was in flight, unbind
+//! the eventfds, unmap everything, wake every waiter. Memory is freed only once the device
+//! provably cannot reach it (its reset acknowledged, every mapping gone); otherwise it is
+//! kept for the rest of the process, and counted.
+
+use std::sync::Arc;
+
+use super::claim::DeviceClaim;
+use super::SessionError;
+use crate::device::Device;
+use crate::dma::Dma;
+use crate::front::driver::Driver;
+use crate::front::GuestQueue;
+use crate::mem::GuestMemory;
+use crate::shadow::{ShadowQueue, StopReason};
+
+/// Everything a closing session still holds, taken out of it so that the teardown can
+/// run on another thread (the engine's, when a hook closed its own session).
+pub(super) struct Teardown {
+    pub(super) device: Arc<dyn Device>,
+    pub(super) dma: Arc<Dma>,
+    pub(super) claim: Option<DeviceClaim>,
+    pub(super) num_queues: u32,
+    pub(super) ring_mem: Vec<GuestMemory>,
+    pub(super) driver: Option<Driver>,
+    pub(super) guest_mem: Option<Arc<GuestMemory>>,
+    pub(super) guest_queues: Vec<GuestQueue>,
+}
+
+impl Teardown {
+    /// Runs every step, even after a failed one; the first error is returned.
+    pub(super) fn run(self, mut queues: Vec<ShadowQueue>) -> Result<(), SessionError> {
+        let mut first: Option<SessionError> = None;
+        let mut keep = |r: Result<(), SessionError>| {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        };
+        let dev = self.device.clone();
+        // Reset first: the device stops touching memory before it is unmapped. Only a
+        // reset the device acknowledges (status reads back 0) counts.
+        let reset = dev.set_status(0);
+        let status = dev.status();
+        let quiesced = reset.is_ok() && status.as_ref().is_ok_and(|&s| s == 0);
+        keep(reset.map_err(Into::into));
+        keep(status.map(drop).map_err(Into::into));
+        for q in 0..self.num_queues {
+            keep(dev.set_vring_kick(q, None).map_err(Into::into));
+            keep(dev.set_vring_call(q, None).map_err(Into::into));
+        }
+        keep(dev.set_config_call(None).map_err(Into::into));
+        let mut unmapped = true;
+        for q in &mut queues {
+            if let Err(e) = q.stop(StopReason::Closed, quiesced) {
+                unmapped = false;
+                keep(Err(e.into()));
+            }
+        }
+        drop(queues);
+        if let Err(e) = self.dma.unmap_all() {
+            unmapped = false;
+            keep(Err(e.into()));
+        }
+        let notifiers: Vec<_> = self.guest_queues.iter().map(|g| g.call.clone()).collect();
+        // The driver's rings and buffers live in guest memory, which it shares (an Arc):
+        // dropping the driver frees only its own bookkeeping and eventfds.
+        drop(self.driver);
+        if quiesced && unmapped {
+            drop(self.ring_mem);
+            drop(self.guest_mem);
+        } else {
+            let bytes =
+                self.ring_mem.iter().map(GuestMemory::total_bytes).sum::<u64>() + self.guest_mem.as_ref().map_or(0, |m| m.total_bytes());
+            crate::live::quarantine((self.ring_mem, self.guest_mem), bytes);
+        }
+        // Whoever waits on a guest queue wakes and finds the session closed.
+        notifiers.iter().for_each(|c| c.signal());
+        drop(self.claim);
+        first.map_or(Ok(()), Err)
+    }
+}
