@@ -57,6 +57,25 @@ impl EventFd {
         Ok(EventFd { fd })
     }
 
+    /// Takes over an eventfd someone handed to svq (a VMM's kick or call fd): it must be
+    /// an eventfd. With `nonblocking` its file description is switched to non-blocking
+    /// (svq reads it; the writer is not affected, writes to an eventfd never block).
+    pub fn adopt(fd: OwnedFd, nonblocking: bool) -> Result<Self, Errno> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map_err(|_| Errno::EBADF)?;
+        if link.to_str() != Some("anon_inode:[eventfd]") {
+            return Err(Errno::EINVAL);
+        }
+        // Never inherited by a child process svq's host may start.
+        nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+        if nonblocking {
+            let flags = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)?;
+            let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+            nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        }
+        live::eventfd_opened();
+        Ok(EventFd { fd })
+    }
+
     /// Signals (adds 1).
     pub fn signal(&self) {
         // EAGAIN only when the counter would overflow, which means a signal is pending anyway.

@@ -282,6 +282,8 @@ impl GuestMemory {
                 });
             }
             seal_against_shrinking(&f.fd).map_err(|reason| MemError::File { gpa: f.gpa, reason })?;
+            // A VMM's fd arrives without close-on-exec: never hand it to a child process.
+            fcntl(f.fd.as_raw_fd(), FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC)).map_err(os("fcntl"))?;
             let skew = (f.offset % PAGE_SIZE) as usize;
             let map_len = f.size as usize + skew;
             let len = NonZeroUsize::new(map_len).ok_or_else(|| MemError::Layout("empty region".into()))?;

@@ -38,7 +38,7 @@ def test_isolated_in_its_own_address_space(cvq_session: svq.Session) -> None:
     assert info is not None
     assert (info["queue"], info["mode"], info["isolated"], info["asid"]) == (2, "copy", True, 1)
     assert info["fallback"] is None
-    assert cvq_session.modes == [svq.Mode.PASSTHROUGH, svq.Mode.PASSTHROUGH, svq.Mode.COPY]
+    assert cvq_session.modes == {0: svq.Mode.PASSTHROUGH, 1: svq.Mode.PASSTHROUGH, 2: svq.Mode.COPY}
     maps = cvq_session.mappings()
     in_asid1 = [m for m in maps if m["asid"] == 1]
     assert in_asid1, "shadow rings and bounce buffers live in ASID 1"
@@ -64,7 +64,7 @@ def test_not_isolated_falls_back_to_shadowing_every_queue() -> None:
         info = s.cvq_info()
         assert not info["isolated"] and info["asid"] == 0
         assert "every queue is shadowed" in info["fallback"]
-        assert s.modes == [svq.Mode.TRANSLATE, svq.Mode.TRANSLATE, svq.Mode.COPY]
+        assert s.modes == {0: svq.Mode.TRANSLATE, 1: svq.Mode.TRANSLATE, 2: svq.Mode.COPY}
         assert cmd(s, net.mac_addr_set(NEW_MAC)) == OK
 
 

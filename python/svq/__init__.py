@@ -32,6 +32,7 @@ from ._native import (
     live_resources,
 )
 from .device import Device, open_device
+from .front import ExternalGuest, GuestQueue, MemoryRegion
 from .session import CopyStrategy, Driver, Mode, Session
 
 __all__ = [
@@ -43,9 +44,12 @@ __all__ = [
     "DeviceProtocolError",
     "Driver",
     "ElementTooLargeError",
+    "ExternalGuest",
     "GuestMemoryError",
     "GuestProtocolError",
+    "GuestQueue",
     "InjectError",
+    "MemoryRegion",
     "Mode",
     "NegotiationError",
     "QueueBrokenError",

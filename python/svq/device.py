@@ -55,6 +55,12 @@ class Device:
         """Reads config space."""
         return self._native.config(offset, length)
 
+    def guest_features(self) -> int:
+        """The virtio features a guest in front of svq may negotiate with this device:
+        its class features svq can drive, VERSION_1 and the ring features (the device's
+        ACCESS_PLATFORM is svq's business, not the guest's)."""
+        return self._native.guest_features()
+
     def status(self) -> int:
         """The virtio status byte."""
         return self._native.status()

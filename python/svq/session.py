@@ -11,6 +11,7 @@ from typing import Any
 
 from . import _native
 from .device import Device
+from .front import ExternalGuest
 from .types import CvqInfo, GuestRing, MappingInfo, NetState, QueueFault, QueueStats
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,11 @@ class Session:
     virtio-net control queue: when it is shadowed its state is tracked from the commands
     the device acknowledged (:meth:`net_state`); in copy mode it gets an address space of
     its own when the device allows it (``isolate_cvq``); ``restore`` (a state from
-    :meth:`net_state`) is replayed before the data queues start."""
+    :meth:`net_state`) is replayed before the data queues start.
+
+    ``guest``: a guest svq does not own (:class:`svq.ExternalGuest`): only its queues
+    are served, in the format its driver negotiated, and ``driver`` is not available
+    (``memory``, ``queue_size``, ``indirect`` do not apply)."""
 
     def __init__(
         self,
@@ -137,6 +142,7 @@ class Session:
         track_net_state: bool = True,
         restore: NetState | Mapping[str, Any] | None = None,
         restore_timeout: float = 10.0,
+        guest: ExternalGuest | None = None,
     ) -> None:
         # Arguments first: nothing is opened for a call that cannot succeed.
         self.mode = Mode(mode)
@@ -158,6 +164,7 @@ class Session:
                 track_net_state=track_net_state,
                 restore=dict(restore) if restore is not None else None,
                 restore_timeout=restore_timeout,
+                external=guest.to_native() if guest is not None else None,
             )
         except BaseException:
             if self._owns_device:
@@ -180,9 +187,9 @@ class Session:
         return self._s.backend_features
 
     @property
-    def modes(self) -> list[Mode]:
-        """Each queue's mode (after any fallback)."""
-        return [Mode(m) for m in self._s.modes()]
+    def modes(self) -> dict[int, Mode]:
+        """The mode of each queue the session serves, by queue index (after any fallback)."""
+        return {q: Mode(m) for q, m in self._s.modes()}
 
     def cvq_info(self) -> CvqInfo | None:
         """The control queue: ``queue``, ``mode``, ``isolated`` (in its own address

@@ -3,15 +3,30 @@
 //! device do not know which front they serve.
 //!
 //! - [`driver`]: svq allocates the memory and plays the guest itself (demo, tests,
-//!   benchmarks).
+//!   benchmarks);
+//! - [`external`]: orchestration code hands over a VM's memory files, ring addresses and
+//!   eventfds.
 
 pub mod driver;
+pub mod external;
 
 use std::sync::Arc;
 
 use crate::eventfd::EventFd;
 use crate::fault::QueueHealth;
+use crate::mem::GuestMemory;
 use crate::ring::RingLayout;
+
+/// The guest side a front hands to a session.
+#[derive(Debug)]
+pub struct Guest {
+    /// Guest memory.
+    pub memory: Arc<GuestMemory>,
+    /// The queues to serve, by index.
+    pub queues: Vec<GuestQueue>,
+    /// The virtio features the guest's driver negotiated.
+    pub features: u64,
+}
 
 /// Where a guest queue lives and how it is notified: what a front hands to a session.
 #[derive(Debug, Clone)]

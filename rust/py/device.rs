@@ -168,6 +168,14 @@ impl Device {
         Ok(PyBytes::new(py, &buf))
     }
 
+    /// The virtio features a guest in front of svq may negotiate with this device: its
+    /// class features svq can drive, VERSION_1 and the ring features.
+    fn guest_features(&self, py: Python<'_>) -> PyResult<u64> {
+        let dev = self.backend()?.dyn_device();
+        let (id, features) = py.detach(|| Ok::<_, DeviceError>((dev.device_id()?, dev.features()?))).map_err(device_err)?;
+        crate::session::guest_offer(id, features).map_err(super::errors::to_py)
+    }
+
     /// Device status byte.
     fn status(&self, py: Python<'_>) -> PyResult<u8> {
         let dev = self.backend()?.dyn_device();

@@ -13,6 +13,7 @@ use crate::device::DeviceError;
 use crate::dma::DmaError;
 use crate::fault::{FaultKind, QueueFault};
 use crate::front::driver::DriverError;
+use crate::front::external::FrontError;
 use crate::mem::MemError;
 use crate::session::SessionError;
 use crate::shadow::InjectError as RustInjectError;
@@ -81,6 +82,8 @@ pub(super) fn to_py(e: SessionError) -> PyErr {
         SessionError::Injected(e) => inject_err(e),
         e @ SessionError::Restore { .. } => RestoreError::new_err(e.to_string()),
         SessionError::Mem(e) => mem_err(e),
+        SessionError::Front(FrontError::Mem(e)) => mem_err(e),
+        e @ SessionError::Front(FrontError::Queue { .. }) => PyValueError::new_err(e.to_string()),
         SessionError::Negotiation(m) => NegotiationError::new_err(m),
         SessionError::Os { op, errno } => PyOSError::new_err((errno as i32, format!("{op}: {}", errno.desc()))),
         SessionError::Closed => SessionClosedError::new_err("session is closed"),

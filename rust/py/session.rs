@@ -16,6 +16,8 @@ use super::errors::{driver_err, inject_err, to_py};
 use super::lock;
 use crate::bounce::Strategy;
 use crate::front::driver::DriverError;
+use crate::front::external::{ExternalGuest, ExternalQueue};
+use crate::mem::FileRegion;
 use crate::net::{NetState, RxMode};
 use crate::session::{Mode, Session as RustSession, SessionConfig, SessionError};
 use crate::shadow::{QueueHook, Verdict};
@@ -187,6 +189,43 @@ impl Drop for Session {
     }
 }
 
+/// An external guest as the Python layer passes it: memory regions (guest address, size,
+/// fd, file offset), queues (index, size, desc, avail, used, kick fd, call fd, base) and
+/// the features its driver negotiated.
+type ExternalArg = (Vec<(U64, U64, i32, U64)>, Vec<(U32, U16, U64, U64, U64, i32, i32, U16)>, U64);
+
+/// svq's own duplicate of a descriptor the caller keeps (close-on-exec).
+fn dup_fd(fd: i32, what: &str) -> PyResult<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let new = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0))
+        .map_err(|e| PyValueError::new_err(format!("{what} {fd} is not an open file descriptor ({e})")))?;
+    // SAFETY: `new` is a descriptor fcntl just created for us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(new) })
+}
+
+fn external_guest((memory, queues, features): ExternalArg) -> PyResult<ExternalGuest> {
+    let memory = memory
+        .into_iter()
+        .map(|(gpa, size, fd, offset)| Ok(FileRegion { gpa: gpa.0, size: size.0, fd: dup_fd(fd, "memory fd")?, offset: offset.0 }))
+        .collect::<PyResult<_>>()?;
+    let queues = queues
+        .into_iter()
+        .map(|(index, size, desc, avail, used, kick, call, base)| {
+            Ok(ExternalQueue {
+                index: index.0,
+                size: size.0,
+                desc: desc.0,
+                avail: avail.0,
+                used: used.0,
+                kick: dup_fd(kick, "kick fd")?,
+                call: dup_fd(call, "call fd")?,
+                base: base.0,
+            })
+        })
+        .collect::<PyResult<_>>()?;
+    Ok(ExternalGuest { memory, queues, features: features.0 })
+}
+
 type CompletionTuple = (u16, u32, Py<PyBytes>);
 
 fn tuples(py: Python<'_>, done: Vec<crate::front::driver::Completion>) -> Vec<CompletionTuple> {
@@ -200,7 +239,7 @@ impl Session {
     /// `copy_strategy` is "pool" or "per-element"; `restore` a state dict as returned by
     /// `net_state()`.
     #[new]
-    #[pyo3(signature = (device, *, mode, queue_size, memory, event_idx, indirect, queue_modes, copy_strategy, isolate_cvq, track_net_state, restore, restore_timeout))]
+    #[pyo3(signature = (device, *, mode, queue_size, memory, event_idx, indirect, queue_modes, copy_strategy, isolate_cvq, track_net_state, restore, restore_timeout, external = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -216,6 +255,7 @@ impl Session {
         track_net_state: bool,
         restore: Option<Bound<'_, PyDict>>,
         restore_timeout: f64,
+        external: Option<ExternalArg>,
     ) -> PyResult<Self> {
         let queue_size = queue_size.0;
         if queue_size == 0 || !queue_size.is_power_of_two() {
@@ -240,13 +280,19 @@ impl Session {
             restore_timeout: timeout(restore_timeout)?,
         };
         let dev = device.backend()?.dyn_device();
-        let s = py.detach(|| RustSession::start(dev, &cfg)).map_err(to_py)?;
+        let guest = external.map(external_guest).transpose()?;
+        let s = py
+            .detach(|| match guest {
+                Some(g) => RustSession::start_external(dev, &cfg, g),
+                None => RustSession::start(dev, &cfg),
+            })
+            .map_err(to_py)?;
         Ok(Session { inner: Mutex::new(Some(s)), hooks: Mutex::new(Vec::new()) })
     }
 
-    /// Each queue's mode.
-    fn modes(&self, py: Python<'_>) -> PyResult<Vec<&'static str>> {
-        self.with(py, |s| Ok(s.modes().iter().map(|m| m.name()).collect()))
+    /// The queues served and their modes, as (index, mode name).
+    fn modes(&self, py: Python<'_>) -> PyResult<Vec<(u32, &'static str)>> {
+        self.with(py, |s| Ok(s.modes().iter().map(|(q, m)| (*q, m.name())).collect()))
     }
 
     /// Where the control queue is: dict(queue, mode, isolated, asid, fallback, commands,
@@ -328,10 +374,10 @@ impl Session {
         self.with(py, |s| Ok(s.map_counts()))
     }
 
-    /// Number of queues.
+    /// Number of queues the device has.
     #[getter]
     fn num_queues(&self, py: Python<'_>) -> PyResult<u32> {
-        self.with(py, |s| Ok(s.num_queues()))
+        self.with(py, |s| Ok(s.device_queues()))
     }
 
     /// Negotiated virtio features.

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
+pub use negotiate::guest_offer;
 pub use placement::CvqInfo;
 
 use crate::bounce::Strategy;
@@ -30,6 +31,7 @@ use crate::device::{Device, DeviceError};
 use crate::dma::{Dma, DmaError};
 use crate::engine::{Engine, Request};
 use crate::front::driver::{Driver, DriverError};
+use crate::front::external::{ExternalGuest, FrontError};
 use crate::front::GuestQueue;
 use crate::iova::Mapping;
 use crate::mem::{GuestMemory, MemError};
@@ -122,6 +124,9 @@ pub enum SessionError {
     /// Guest memory could not be created.
     #[error(transparent)]
     Mem(#[from] MemError),
+    /// A guest handed over by a front is invalid.
+    #[error(transparent)]
+    Front(#[from] FrontError),
     /// Bounce buffers could not be made.
     #[error(transparent)]
     Bounce(#[from] crate::bounce::BounceError),
@@ -183,8 +188,10 @@ pub struct Session {
     claim: Option<DeviceClaim>,
     features: u64,
     backend_features: u64,
-    num_queues: u32,
-    modes: Vec<Mode>,
+    /// Queues the device has.
+    device_queues: u32,
+    /// The queues served (by index) and each one's mode.
+    modes: Vec<(u32, Mode)>,
     /// The in-process guest driver.
     driver: Option<Driver>,
     /// Guest memory and the guest's queues, as the front handed them over.
@@ -193,7 +200,7 @@ pub struct Session {
     /// Host memory of the shadow rings.
     ring_mem: Vec<GuestMemory>,
     engine: Option<Engine>,
-    stats: Vec<Arc<QueueStats>>,
+    stats: Vec<(u32, Arc<QueueStats>)>,
     cvq: Option<CvqInfo>,
     net_state: Option<Arc<Mutex<NetState>>>,
     cvq_counters: Option<Arc<CvqCounters>>,
@@ -201,9 +208,21 @@ pub struct Session {
 }
 
 impl Session {
-    /// Resets and negotiates `device`, maps guest memory, sets up every queue and starts.
-    /// The device must not be in use by another session.
+    /// Resets and negotiates `device`, creates guest memory and the in-process guest
+    /// driver, sets up every queue and starts. The device must not be in use by another
+    /// session.
     pub fn start(device: Arc<dyn Device>, cfg: &SessionConfig) -> Result<Self, SessionError> {
+        Self::start_with(device, cfg, GuestSource::InProcess)
+    }
+
+    /// Like [`Session::start`] for a guest svq does not own: its memory and rings as an
+    /// external front hands them over. Only the guest's queues are set up; their format
+    /// follows the features the guest negotiated.
+    pub fn start_external(device: Arc<dyn Device>, cfg: &SessionConfig, guest: ExternalGuest) -> Result<Self, SessionError> {
+        Self::start_with(device, cfg, GuestSource::External(guest))
+    }
+
+    fn start_with(device: Arc<dyn Device>, cfg: &SessionConfig, source: GuestSource) -> Result<Self, SessionError> {
         let claim = DeviceClaim::take(&device)?;
         let dma = Arc::new(Dma::new(device.clone())?);
         let mut s = Session {
@@ -212,7 +231,7 @@ impl Session {
             claim: Some(claim),
             features: 0,
             backend_features: 0,
-            num_queues: 0,
+            device_queues: 0,
             modes: Vec::new(),
             driver: None,
             guest_mem: None,
@@ -225,7 +244,7 @@ impl Session {
             cvq_counters: None,
             closed: false,
         };
-        match s.setup(cfg) {
+        match s.setup(cfg, source) {
             Ok(()) => Ok(s),
             Err(e) => {
                 // Undo whatever was done; the setup error is the one worth reporting.
@@ -235,9 +254,14 @@ impl Session {
         }
     }
 
-    /// Each queue's mode.
-    pub fn modes(&self) -> &[Mode] {
+    /// The queues served, by index, with their modes.
+    pub fn modes(&self) -> &[(u32, Mode)] {
         &self.modes
+    }
+
+    /// The mode of queue `q`, when it is served.
+    pub fn mode(&self, q: u32) -> Option<Mode> {
+        self.modes.iter().find(|(i, _)| *i == q).map(|(_, m)| *m)
     }
 
     /// Negotiated virtio features.
@@ -250,9 +274,9 @@ impl Session {
         self.backend_features
     }
 
-    /// Number of queues.
-    pub fn num_queues(&self) -> u32 {
-        self.num_queues
+    /// Number of queues the device has (not all of them need be served).
+    pub fn device_queues(&self) -> u32 {
+        self.device_queues
     }
 
     /// Where the control queue is (virtio-net with a control queue only).
@@ -272,9 +296,14 @@ impl Session {
             .map(|c| (c.commands.load(Ordering::Relaxed), c.acked.load(Ordering::Relaxed), c.answered_locally.load(Ordering::Relaxed)))
     }
 
-    /// The in-process guest driver.
+    /// The in-process guest driver (a session serving an external guest has none).
     pub fn driver(&mut self) -> Result<&mut Driver, SessionError> {
-        self.driver.as_mut().ok_or(SessionError::Closed)
+        if self.closed {
+            return Err(SessionError::Closed);
+        }
+        self.driver
+            .as_mut()
+            .ok_or_else(|| SessionError::Invalid("this session serves an external guest: it has no in-process driver".into()))
     }
 
     /// The guest's queues, as the front described them.
@@ -284,13 +313,13 @@ impl Session {
 
     /// Counters of queue `q` (zero for a passthrough queue: svq is not on its path).
     pub fn stats(&self, q: u32) -> Option<Vec<(&'static str, u64)>> {
-        self.stats.get(q as usize).map(|s| s.snapshot())
+        self.stats.iter().find(|(i, _)| *i == q).map(|(_, s)| s.snapshot())
     }
 
     fn engine_for(&self, q: u32) -> Result<&Engine, SessionError> {
         let e = self.engine.as_ref().ok_or(SessionError::Closed)?;
-        if q >= self.num_queues {
-            return Err(SessionError::Invalid(format!("queue {q} does not exist (the device has {})", self.num_queues)));
+        if self.mode(q).is_none() {
+            return Err(SessionError::Invalid(format!("queue {q} is not served by this session")));
         }
         if !e.has_queue(q) {
             return Err(SessionError::Invalid(format!("queue {q} is not shadowed")));
@@ -383,7 +412,7 @@ impl Session {
             device: self.device.clone(),
             dma: self.dma.clone(),
             claim: self.claim.take(),
-            num_queues: self.num_queues,
+            queues: self.modes.iter().map(|(q, _)| *q).collect(),
             ring_mem: std::mem::take(&mut self.ring_mem),
             driver: self.driver.take(),
             guest_mem: self.guest_mem.take(),
@@ -398,6 +427,14 @@ impl Session {
             None => teardown.run(Vec::new()),
         }
     }
+}
+
+/// Where a session's guest side comes from.
+pub(crate) enum GuestSource {
+    /// svq creates guest memory and plays the guest (`SessionConfig::memory`).
+    InProcess,
+    /// A guest svq does not own.
+    External(ExternalGuest),
 }
 
 impl Drop for Session {

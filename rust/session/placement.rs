@@ -19,54 +19,73 @@ pub struct CvqInfo {
     pub fallback: Option<String>,
 }
 
-/// Decisions taken before anything is set up.
+/// Decisions taken before anything is set up, for the queues served (by index).
 pub(super) struct Plan {
-    pub(super) modes: Vec<Mode>,
-    pub(super) asids: Vec<u32>,
+    pub(super) modes: Vec<(u32, Mode)>,
+    pub(super) asids: Vec<(u32, u32)>,
     pub(super) cvq: Option<CvqInfo>,
     pub(super) cvq_group: u32,
     pub(super) data_queues: Vec<u32>,
 }
 
+impl Plan {
+    pub(super) fn mode(&self, q: u32) -> Mode {
+        self.modes.iter().find(|(i, _)| *i == q).map_or(Mode::Passthrough, |(_, m)| *m)
+    }
+
+    pub(super) fn asid(&self, q: u32) -> u32 {
+        self.asids.iter().find(|(i, _)| *i == q).map_or(0, |(_, a)| *a)
+    }
+}
+
 impl Session {
-    /// Per-queue modes and address spaces, and the control queue's place.
-    pub(super) fn plan(&self, cfg: &SessionConfig, id: u32, acked_backend: u64) -> Result<Plan, SessionError> {
+    /// Per-queue modes and address spaces for the queues in `served`, and the control
+    /// queue's place.
+    pub(super) fn plan(&self, cfg: &SessionConfig, id: u32, served: &[u32]) -> Result<Plan, SessionError> {
         let dev = &self.device;
-        let n = self.num_queues;
-        if let Some((q, _)) = cfg.queue_modes.iter().find(|(q, _)| *q >= n) {
-            return Err(SessionError::Invalid(format!("queue {q} does not exist (the device has {n})")));
+        let n = self.device_queues;
+        if let Some((q, _)) = cfg.queue_modes.iter().find(|(q, _)| !served.contains(q)) {
+            return Err(SessionError::Invalid(if *q >= n {
+                format!("queue {q} does not exist (the device has {n})")
+            } else {
+                format!("queue {q} is not served by this session")
+            }));
         }
-        let mut modes: Vec<Mode> = (0..n).map(|q| cfg.queue_modes.iter().find(|(i, _)| *i == q).map_or(cfg.mode, |(_, m)| *m)).collect();
+        let mut modes: Vec<(u32, Mode)> =
+            served.iter().map(|&q| (q, cfg.queue_modes.iter().find(|(i, _)| *i == q).map_or(cfg.mode, |(_, m)| *m))).collect();
         let has_cvq = id == device_id::NET && self.features & (1 << net_feature::CTRL_VQ) != 0;
-        let mut plan = Plan { asids: vec![0; n as usize], cvq: None, cvq_group: 0, data_queues: (0..n).collect(), modes: Vec::new() };
+        let mut plan = Plan { asids: Vec::new(), cvq: None, cvq_group: 0, data_queues: served.to_vec(), modes: Vec::new() };
         if has_cvq && n > 0 {
+            // virtio-net: the control queue is the device's last queue (spec 5.1.2).
             let cvq = n - 1;
+            if !served.contains(&cvq) {
+                return Err(SessionError::Invalid(format!("CTRL_VQ was negotiated but control queue {cvq} is not served")));
+            }
             plan.data_queues.retain(|&q| q != cvq);
+            let mode_of = |modes: &[(u32, Mode)], q: u32| modes.iter().find(|(i, _)| *i == q).map_or(Mode::Passthrough, |(_, m)| *m);
+            let cvq_mode = mode_of(&modes, cvq);
             let group = dev.queue_group(cvq)?;
-            let alone =
-                (0..n).filter(|&q| q != cvq).map(|q| dev.queue_group(q)).collect::<Result<Vec<_>, _>>()?.iter().all(|&g| g != group);
+            let alone = plan.data_queues.iter().map(|&q| dev.queue_group(q)).collect::<Result<Vec<_>, _>>()?.iter().all(|&g| g != group);
             let isolated = cfg.isolate_cvq
-                && modes[cvq as usize] == Mode::Copy
+                && cvq_mode == Mode::Copy
                 && alone
                 && dev.num_address_spaces()? >= 2
-                && acked_backend & (1 << bf::IOTLB_ASID) != 0;
+                && self.backend_features & (1 << bf::IOTLB_ASID) != 0;
             let mut fallback = None;
-            if modes[cvq as usize] != Mode::Passthrough
-                && !isolated
-                && plan.data_queues.iter().any(|&q| modes[q as usize] == Mode::Passthrough)
-            {
+            if cvq_mode != Mode::Passthrough && !isolated && plan.data_queues.iter().any(|&q| mode_of(&modes, q) == Mode::Passthrough) {
                 // The control queue's buffers would share an address space with guest
                 // memory mapped for passthrough: shadow every queue instead.
-                for &q in &plan.data_queues {
-                    modes[q as usize] = Mode::Translate;
+                for (q, m) in modes.iter_mut() {
+                    if *q != cvq {
+                        *m = Mode::Translate;
+                    }
                 }
                 fallback = Some("the control queue cannot have an address space of its own: every queue is shadowed".into());
             }
-            if isolated {
-                plan.asids[cvq as usize] = 1;
-            }
+            let asid = u32::from(isolated);
+            plan.asids.push((cvq, asid));
             plan.cvq_group = group;
-            plan.cvq = Some(CvqInfo { queue: cvq, mode: modes[cvq as usize], isolated, asid: plan.asids[cvq as usize], fallback });
+            plan.cvq = Some(CvqInfo { queue: cvq, mode: cvq_mode, isolated, asid, fallback });
         }
         if cfg.restore.is_some() && !plan.cvq.as_ref().is_some_and(|c| c.mode != Mode::Passthrough) {
             return Err(SessionError::Invalid("restoring a state needs a shadowed virtio-net control queue".into()));

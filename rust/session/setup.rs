@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use super::placement::Plan;
-use super::{os, Mode, Session, SessionConfig, SessionError};
+use super::{os, GuestSource, Mode, Session, SessionConfig, SessionError};
 use crate::bounce::{BouncePool, Strategy};
 use crate::dma::MapRequest;
 use crate::engine::Engine;
@@ -16,17 +16,22 @@ use crate::front::GuestQueue;
 use crate::mem::GuestMemory;
 use crate::net::NetState;
 use crate::ring::layout::align_up;
-use crate::ring::{RingReader, RingWriter};
+use crate::ring::{RingLayout, RingReader, RingWriter};
 use crate::shadow::cvq::{CvqCounters, CvqTracker};
 use crate::shadow::{BounceSpace, Forwarding, QueueStats, RegionIova, ShadowFds, ShadowParts, ShadowQueue};
 use crate::virtio::{backend_feature as bf, feature, status, Perm, PAGE_SIZE};
 
 impl Session {
-    pub(super) fn setup(&mut self, cfg: &SessionConfig) -> Result<(), SessionError> {
+    pub(super) fn setup(&mut self, cfg: &SessionConfig, source: GuestSource) -> Result<(), SessionError> {
+        // A guest handed over is checked (and its memory mapped) before the device is touched.
+        let external = match source {
+            GuestSource::External(g) => Some(g.attach()?),
+            GuestSource::InProcess => None,
+        };
         let dev = self.device.clone();
         dev.set_status(0)?;
         dev.set_status(status::ACKNOWLEDGE | status::DRIVER)?;
-        self.num_queues = dev.num_queues()?;
+        self.device_queues = dev.num_queues()?;
         let offered_backend = dev.backend_features()?;
         // Back-end features are acked only as used: ASID when the control queue may get
         // its own address space, ENABLE_AFTER_DRIVER_OK when data queues wait for restore.
@@ -37,8 +42,23 @@ impl Session {
         if cfg.restore.is_some() {
             want_backend |= 1 << bf::ENABLE_AFTER_DRIVER_OK;
         }
-        let id = self.negotiate(cfg, offered_backend, want_backend)?;
-        let plan = self.plan(cfg, id, self.backend_features)?;
+        let id = self.negotiate(cfg, offered_backend, want_backend, external.as_ref().map(|g| g.features))?;
+        let max = dev.max_queue_size()?;
+        let served: Vec<u32> = match &external {
+            Some(g) => {
+                for q in &g.queues {
+                    if q.index >= self.device_queues {
+                        return Err(SessionError::Invalid(format!(
+                            "queue {} does not exist (the device has {})",
+                            q.index, self.device_queues
+                        )));
+                    }
+                }
+                g.queues.iter().map(|q| q.index).collect()
+            }
+            None => (0..self.device_queues).collect(),
+        };
+        let plan = self.plan(cfg, id, &served)?;
         self.modes = plan.modes.clone();
         self.cvq = plan.cvq.clone();
         // With a state to restore, the data queues start only after every ack is OK, which
@@ -48,25 +68,45 @@ impl Session {
                 "restoring a state needs backend feature ENABLE_AFTER_DRIVER_OK (data queues start after the acks)".into(),
             ));
         }
-
-        // The guest's rings: in passthrough the device reads them, so they may use only
-        // what the device negotiated; shadowed, svq serves them and offers both.
-        let has = |bit: u32| crate::virtio::has(self.features, bit);
-        let any_passthrough = plan.modes.contains(&Mode::Passthrough);
-        let (guest_event_idx, guest_indirect) =
-            if any_passthrough { (has(feature::RING_EVENT_IDX), has(feature::RING_INDIRECT_DESC)) } else { (cfg.event_idx, cfg.indirect) };
-        let size = cfg.queue_size.min(dev.max_queue_size()?);
-        let mem = Arc::new(GuestMemory::new(&cfg.memory)?);
+        let mem = match external {
+            Some(g) => {
+                for q in g.queues.iter().filter(|q| plan.mode(q.index) == Mode::Passthrough) {
+                    if q.layout.size() > max {
+                        return Err(SessionError::Invalid(format!(
+                            "queue {}: size {} is larger than the device's {max}, so it cannot be passed through",
+                            q.index,
+                            q.layout.size()
+                        )));
+                    }
+                }
+                self.guest_queues = g.queues;
+                g.memory
+            }
+            None => {
+                // The guest's rings: in passthrough the device reads them, so they may use
+                // only what the device negotiated; shadowed, svq serves them and offers both.
+                let has = |bit: u32| crate::virtio::has(self.features, bit);
+                let any_passthrough = plan.modes.iter().any(|(_, m)| *m == Mode::Passthrough);
+                let (guest_event_idx, guest_indirect) = if any_passthrough {
+                    (has(feature::RING_EVENT_IDX), has(feature::RING_INDIRECT_DESC))
+                } else {
+                    (cfg.event_idx, cfg.indirect)
+                };
+                let size = cfg.queue_size.min(max);
+                let mem = Arc::new(GuestMemory::new(&cfg.memory)?);
+                let driver = Driver::new(mem.clone(), &vec![size; self.device_queues as usize], guest_event_idx, guest_indirect)?;
+                self.guest_queues = driver.guest_queues();
+                self.driver = Some(driver);
+                mem
+            }
+        };
         self.guest_mem = Some(mem.clone());
-        let driver = Driver::new(mem.clone(), &vec![size; self.num_queues as usize], guest_event_idx, guest_indirect)?;
-        self.guest_queues = driver.guest_queues();
-        self.driver = Some(driver);
-        self.start_queues(cfg, &plan, &mem, size)
+        self.start_queues(cfg, &plan, &mem, max)
     }
 
     /// Maps guest memory, sets up every queue, starts the device and the engine,
     /// restores a saved state and enables the queues that waited for it.
-    fn start_queues(&mut self, cfg: &SessionConfig, plan: &Plan, mem: &Arc<GuestMemory>, size: u16) -> Result<(), SessionError> {
+    fn start_queues(&mut self, cfg: &SessionConfig, plan: &Plan, mem: &Arc<GuestMemory>, max: u16) -> Result<(), SessionError> {
         let dev = self.device.clone();
         if let Some(c) = plan.cvq.as_ref().filter(|c| c.isolated) {
             dev.set_group_asid(plan.cvq_group, c.asid)?;
@@ -75,13 +115,12 @@ impl Session {
         let guest_queues = self.guest_queues.clone();
         let mut shadows = Vec::new();
         for gq in &guest_queues {
-            let q = gq.index as usize;
             let stats = Arc::new(QueueStats::default());
-            self.stats.push(stats.clone());
-            dev.set_vring_num(gq.index, size)?;
-            dev.set_vring_base(gq.index, gq.base)?;
-            let forwarding = match plan.modes[q] {
+            self.stats.push((gq.index, stats.clone()));
+            let forwarding = match plan.mode(gq.index) {
                 Mode::Passthrough => {
+                    dev.set_vring_num(gq.index, gq.layout.size())?;
+                    dev.set_vring_base(gq.index, gq.base)?;
                     dev.set_vring_addr(gq.index, gq.desc, gq.avail, gq.used)?;
                     dev.set_vring_kick(gq.index, Some(gq.kick.as_fd()))?;
                     dev.set_vring_call(gq.index, Some(gq.call.as_fd()))?;
@@ -90,7 +129,8 @@ impl Session {
                 Mode::Translate => Forwarding::Translate,
                 Mode::Copy => Forwarding::Copy(cfg.copy_strategy),
             };
-            let mut sq = self.shadow_queue(gq, mem, &regions, stats, forwarding, plan.asids[q], cfg.copy_strategy)?;
+            let size = gq.layout.size().min(max);
+            let mut sq = self.shadow_queue(gq, size, mem, &regions, stats, forwarding, plan.asid(gq.index), cfg.copy_strategy)?;
             if plan.cvq.as_ref().is_some_and(|c| c.queue == gq.index) && (cfg.track_net_state || cfg.restore.is_some()) {
                 let state = Arc::new(Mutex::new(NetState::default()));
                 let counters = Arc::new(CvqCounters::default());
@@ -103,8 +143,8 @@ impl Session {
         let config_call = EventFd::new().map_err(os("eventfd"))?;
         dev.set_config_call(Some(config_call.as_fd()))?;
         let late: Vec<u32> = if cfg.restore.is_some() { plan.data_queues.clone() } else { Vec::new() };
-        for q in (0..self.num_queues).filter(|q| !late.contains(q)) {
-            dev.set_vring_enable(q, true)?;
+        for gq in guest_queues.iter().filter(|g| !late.contains(&g.index)) {
+            dev.set_vring_enable(gq.index, true)?;
         }
         dev.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK)?;
         let watched = guest_queues.iter().map(|g| (g.index, g.health.clone(), g.call.clone())).collect();
@@ -122,12 +162,11 @@ impl Session {
     /// address when any queue is passthrough, anywhere otherwise. Returns where each
     /// region went.
     fn map_guest_memory(&mut self, plan: &Plan, mem: &GuestMemory) -> Result<Vec<RegionIova>, SessionError> {
-        let needed =
-            (0..self.num_queues as usize).any(|q| plan.asids[q] == 0 && matches!(plan.modes[q], Mode::Passthrough | Mode::Translate));
+        let needed = plan.modes.iter().any(|&(q, m)| plan.asid(q) == 0 && matches!(m, Mode::Passthrough | Mode::Translate));
         if !needed {
             return Ok(Vec::new());
         }
-        let at_gpa = plan.modes.contains(&Mode::Passthrough);
+        let at_gpa = plan.modes.iter().any(|(_, m)| *m == Mode::Passthrough);
         let reqs: Vec<MapRequest> = mem
             .regions()
             .iter()
@@ -150,6 +189,7 @@ impl Session {
     fn shadow_queue(
         &mut self,
         gq: &GuestQueue,
+        size: u16,
         mem: &Arc<GuestMemory>,
         regions: &[RegionIova],
         stats: Arc<QueueStats>,
@@ -158,7 +198,7 @@ impl Session {
         strategy: Strategy,
     ) -> Result<ShadowQueue, SessionError> {
         let dev = self.device.clone();
-        let layout = gq.layout;
+        let layout = RingLayout::new(size).ok_or_else(|| SessionError::Invalid(format!("shadow ring size {size}")))?;
         let ro_len = align_up(layout.desc_bytes() + layout.avail_bytes(), PAGE_SIZE);
         let rw_len = align_up(layout.used_bytes(), PAGE_SIZE);
         let ring_mem = GuestMemory::new(&[(0, ro_len + rw_len)])?;
@@ -176,6 +216,7 @@ impl Session {
         let (ro, rw) = (maps[0], maps[1]);
         let device_event_idx = crate::virtio::has(self.features, feature::RING_EVENT_IDX);
         let shadow = RingWriter::new(shadow_ring, 0, device_event_idx);
+        dev.set_vring_num(gq.index, size)?;
         dev.set_vring_base(gq.index, 0)?;
         dev.set_vring_addr(gq.index, ro.iova, ro.iova + layout.desc_bytes(), rw.iova)?;
         let fds = ShadowFds {
@@ -186,7 +227,7 @@ impl Session {
         };
         dev.set_vring_kick(gq.index, Some(fds.device_kick.as_fd()))?;
         dev.set_vring_call(gq.index, Some(fds.device_call.as_fd()))?;
-        let guest = RingReader::new(mem.vring(layout, gq.desc, gq.avail, gq.used)?, gq.base, gq.event_idx, gq.indirect);
+        let guest = RingReader::new(mem.vring(gq.layout, gq.desc, gq.avail, gq.used)?, gq.base, gq.event_idx, gq.indirect);
         let bounce_space = BounceSpace { dma: self.dma.clone(), asid, strategy };
         let bounce = match forwarding {
             Forwarding::Copy(st) => Some(BouncePool::new(self.dma.clone(), asid, st, 1)?),

@@ -20,7 +20,7 @@ pub(super) struct Teardown {
     pub(super) device: Arc<dyn Device>,
     pub(super) dma: Arc<Dma>,
     pub(super) claim: Option<DeviceClaim>,
-    pub(super) num_queues: u32,
+    pub(super) queues: Vec<u32>,
     pub(super) ring_mem: Vec<GuestMemory>,
     pub(super) driver: Option<Driver>,
     pub(super) guest_mem: Option<Arc<GuestMemory>>,
@@ -44,7 +44,7 @@ impl Teardown {
         let quiesced = reset.is_ok() && status.as_ref().is_ok_and(|&s| s == 0);
         keep(reset.map_err(Into::into));
         keep(status.map(drop).map_err(Into::into));
-        for q in 0..self.num_queues {
+        for &q in &self.queues {
             keep(dev.set_vring_kick(q, None).map_err(Into::into));
             keep(dev.set_vring_call(q, None).map_err(Into::into));
         }
