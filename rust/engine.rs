@@ -10,6 +10,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::{JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
@@ -104,7 +105,13 @@ impl Engine {
     /// Starts the worker thread over `queues`. `config_call` is the device's config
     /// interrupt; when it fires with NEEDS_RESET set, every queue in `watched` is marked
     /// broken and its guest woken.
-    pub fn start(queues: Vec<ShadowQueue>, device: Arc<dyn Device>, config_call: EventFd, watched: Vec<Watched>) -> Result<Self, Errno> {
+    pub fn start(
+        queues: Vec<ShadowQueue>,
+        device: Arc<dyn Device>,
+        config_call: EventFd,
+        watched: Vec<Watched>,
+        busy_poll: Duration,
+    ) -> Result<Self, Errno> {
         let stop = Arc::new(EventFd::new()?);
         let wake = Arc::new(EventFd::new()?);
         let inbox = Arc::new(Mutex::new(Inbox::default()));
@@ -117,7 +124,8 @@ impl Engine {
             epoll.add(q.fds.device_call.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, ((i as u64) << 1) | 1))?;
         }
         let indices = queues.iter().map(|q| q.index).collect();
-        let ctx = Worker { epoll, device, config_call, watched, stop: stop.clone(), wake: wake.clone(), inbox: inbox.clone() };
+        let poll = (!busy_poll.is_zero()).then(|| Poll::new(busy_poll));
+        let ctx = Worker { epoll, device, config_call, watched, stop: stop.clone(), wake: wake.clone(), inbox: inbox.clone(), poll };
         let token = ThreadToken::new();
         let thread = std::thread::Builder::new()
             .name("svq-engine".into())
@@ -182,7 +190,38 @@ impl Drop for Engine {
     }
 }
 
+/// The adaptive poll: after work, the engine keeps looking at the rings (notifications
+/// off, so neither the guest nor the device pays for a kick or a call) for a window that
+/// grows while work keeps coming within it and shrinks while it does not, up to `max`.
+/// Then it re-arms notifications, looks once more, and sleeps: an idle queue costs
+/// nothing.
+struct Poll {
+    max: Duration,
+    window: Duration,
+    /// When the last work was seen; None while sleeping.
+    last_work: Option<Instant>,
+    /// Whether work came after a pause inside the current window (the window paid off).
+    paid_off: bool,
+}
+
+impl Poll {
+    const MIN: Duration = Duration::from_micros(5);
+
+    fn new(max: Duration) -> Self {
+        Poll { max, window: (max / 4).max(Self::MIN), last_work: None, paid_off: false }
+    }
+}
+
+/// What handling one event did.
+enum Handled {
+    Stop,
+    /// A queue was kicked or called.
+    Moved,
+    Nothing,
+}
+
 struct Worker {
+    poll: Option<Poll>,
     epoll: Epoll,
     device: Arc<dyn Device>,
     config_call: EventFd,
@@ -198,22 +237,28 @@ impl Worker {
     /// in a hook) breaks every queue with an internal fault and ends the loop, still
     /// handing the queues back so that closing returns every element and releases every
     /// buffer.
-    fn run(self, mut queues: Vec<ShadowQueue>) -> Vec<ShadowQueue> {
+    fn run(mut self, mut queues: Vec<ShadowQueue>) -> Vec<ShadowQueue> {
         let mut events = [EpollEvent::empty(); 16];
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             // Guest kicks that arrived before the engine started are not lost: look once.
             queues.iter_mut().for_each(|q| q.forward());
             loop {
-                let n = match self.epoll.wait(&mut events, EpollTimeout::NONE) {
+                let polling = self.poll.as_ref().is_some_and(|p| p.last_work.is_some());
+                let timeout = if polling { EpollTimeout::ZERO } else { EpollTimeout::NONE };
+                let n = match self.epoll.wait(&mut events, timeout) {
                     Ok(n) => n,
                     Err(Errno::EINTR) => continue,
                     Err(_) => return,
                 };
+                let mut moved = false;
                 for ev in &events[..n] {
-                    if !self.handle(ev.data(), &mut queues) {
-                        return;
+                    match self.handle(ev.data(), &mut queues) {
+                        Handled::Stop => return,
+                        Handled::Moved => moved = true,
+                        Handled::Nothing => {}
                     }
                 }
+                self.keep_polling(&mut queues, moved);
             }
         }));
         if let Err(panic) = outcome {
@@ -242,12 +287,38 @@ impl Worker {
         }
     }
 
-    /// Handles one event; false when the engine must stop.
-    fn handle(&self, token: u64, queues: &mut [ShadowQueue]) -> bool {
+    /// After a round of events: with polling on, looks at every ring again, and keeps
+    /// doing so (without sleeping) while work comes within the window; once the window
+    /// passes idle, re-arms notifications and looks a last time before sleeping.
+    fn keep_polling(&mut self, queues: &mut [ShadowQueue], moved: bool) {
+        let Some(poll) = self.poll.as_mut() else { return };
+        let now = Instant::now();
+        let moved = queues.iter_mut().fold(moved, |m, q| q.poll() | m);
+        match poll.last_work {
+            _ if moved => {
+                if poll.last_work.is_some_and(|t| now - t > Poll::MIN) {
+                    poll.paid_off = true;
+                }
+                poll.last_work = Some(now);
+            }
+            Some(t) if now - t < poll.window => {}
+            Some(_) => {
+                // The window passed idle: adapt it, re-arm, and sleep unless work raced in.
+                poll.window = if poll.paid_off { (poll.window * 2).min(poll.max) } else { (poll.window / 2).max(Poll::MIN) };
+                poll.paid_off = false;
+                let raced = queues.iter_mut().fold(false, |r, q| q.rearm() | r);
+                poll.last_work = raced.then_some(now);
+            }
+            None => {}
+        }
+    }
+
+    /// Handles one event.
+    fn handle(&self, token: u64, queues: &mut [ShadowQueue]) -> Handled {
         match token {
             STOP => {
                 self.stop.drain();
-                return false;
+                return Handled::Stop;
             }
             CONFIG => {
                 self.config_call.drain();
@@ -284,18 +355,24 @@ impl Worker {
                 queues.iter_mut().filter(|q| touched.contains(&q.index)).for_each(|q| q.forward());
             }
             token => {
-                let Some(q) = queues.get_mut((token >> 1) as usize) else { return true };
+                let Some(q) = queues.get_mut((token >> 1) as usize) else { return Handled::Nothing };
                 if token & 1 == 0 {
                     let kicks = q.fds.guest_kick.drain();
                     q.stats().guest_kicks.fetch_add(kicks, Ordering::Relaxed);
-                    q.forward();
+                    if self.poll.is_none() {
+                        q.forward();
+                    }
                 } else {
                     let calls = q.fds.device_call.drain();
                     q.stats().device_calls.fetch_add(calls, Ordering::Relaxed);
-                    q.reap();
+                    if self.poll.is_none() {
+                        q.reap();
+                    }
                 }
+                // A polling engine looks at every ring right after the events.
+                return Handled::Moved;
             }
         }
-        true
+        Handled::Nothing
     }
 }

@@ -76,6 +76,14 @@ impl EventFd {
         Ok(EventFd { fd })
     }
 
+    /// Gives the descriptor up to a new owner (it is no longer counted as svq's).
+    pub fn into_owned(self) -> OwnedFd {
+        let this = std::mem::ManuallyDrop::new(self);
+        live::eventfd_closed();
+        // SAFETY: `this` is never used or dropped again, so the fd is moved out exactly once.
+        unsafe { std::ptr::read(&this.fd) }
+    }
+
     /// Signals (adds 1).
     pub fn signal(&self) {
         // EAGAIN only when the counter would overflow, which means a signal is pending anyway.

@@ -12,7 +12,7 @@
 //! the embedded device), [`fault`] (why a queue broke), [`dma`] and [`bounce`] (mappings
 //! and bounce buffers), [`shadow`] (one shadow virtqueue), [`engine`] (the event loop),
 //! [`front`] (who supplies the guest side), [`session`] (a device set up for shadowing or
-//! passthrough).
+//! passthrough), [`vhost_user`] (svq as a VMM's vhost-user backend, driving sessions).
 #![deny(missing_docs)]
 
 #[cfg(feature = "bench")]
@@ -33,4 +33,5 @@ mod py;
 pub mod ring;
 pub mod session;
 pub mod shadow;
+pub mod vhost_user;
 pub mod virtio;

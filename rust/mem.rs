@@ -379,7 +379,7 @@ impl GuestMemory {
         let u = self.host_ptr(used, layout.used_bytes())?;
         // The host addresses are what the accessors use (a file offset that is not
         // page-aligned shifts them against the guest addresses).
-        let aligned = |p: NonNull<u8>, to: u64| (p.as_ptr() as u64) % to == 0;
+        let aligned = |p: NonNull<u8>, to: u64| (p.as_ptr() as u64).is_multiple_of(to);
         if !aligned(d, RingLayout::DESC_ALIGN) || !aligned(a, RingLayout::AVAIL_ALIGN) || !aligned(u, RingLayout::USED_ALIGN) {
             return Err(MemError::Layout(format!("ring parts at {desc:#x}/{avail:#x}/{used:#x} are not aligned to 16/2/4 bytes")));
         }

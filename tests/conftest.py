@@ -14,6 +14,8 @@ import svq
 # The kernel tier needs a /dev/vhost-vdpa-* device: it runs inside the guest that
 # tests/kernel/run boots (which sets SVQ_KERNEL_NET), and is not collected elsewhere.
 collect_ignore = [] if os.environ.get("SVQ_KERNEL_NET") else ["kernel"]
+# The real-client tier boots qemu guests: tests/vm/run sets SVQ_VM_TIER.
+collect_ignore += [] if os.environ.get("SVQ_VM_TIER") else ["vm"]
 
 
 @pytest.fixture(autouse=True)

@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"engine"},
     {"front"},
     {"session"},
+    {"vhost_user"},
     {"bench", "py"},
 ]
 RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}

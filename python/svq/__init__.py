@@ -33,10 +33,12 @@ from ._native import (
 )
 from .device import Device, open_device
 from .front import ExternalGuest, GuestQueue, MemoryRegion
+from .serve import ControlSocket, VhostUserServer
 from .session import CopyStrategy, Driver, Mode, Session
 
 __all__ = [
     "FAULT_RULES",
+    "ControlSocket",
     "CopyStrategy",
     "Device",
     "DeviceBusyError",
@@ -57,6 +59,7 @@ __all__ = [
     "Session",
     "SessionClosedError",
     "SvqError",
+    "VhostUserServer",
     "live_resources",
     "net",
     "open_device",

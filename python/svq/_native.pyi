@@ -1,5 +1,7 @@
 """Type stubs of the Rust extension (svq._native)."""
 
+import os
+import pathlib
 from collections.abc import Callable
 from typing import Any, final
 
@@ -21,6 +23,7 @@ __all__ = [
     "Session",
     "SessionClosedError",
     "SvqError",
+    "VhostUserServer",
     "bench_copy",
     "bench_forward",
     "bench_forward_layout",
@@ -91,6 +94,7 @@ class Session:
         track_net_state: bool,
         restore: dict[str, Any] | None,
         restore_timeout: float,
+        busy_poll: float = 200e-6,
         external: tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int, int, int, int, int, int]], int] | None = None,
     ) -> Session: ...
     def modes(self) -> list[tuple[int, str]]: ...
@@ -130,6 +134,25 @@ class Session:
     def resume(self) -> None: ...
     def vring_base(self, q: int) -> int: ...
     def close(self) -> None: ...
+
+@final
+class VhostUserServer:
+    def __new__(
+        cls,
+        device: Device,
+        path: os.PathLike[str] | str,
+        *,
+        mode: str,
+        queue_modes: list[tuple[int, str]],
+        copy_strategy: str,
+        event_idx: bool,
+        busy_poll: float = 200e-6,
+    ) -> VhostUserServer: ...
+    @property
+    def path(self) -> pathlib.Path: ...
+    def serve(self) -> None: ...
+    def stop(self) -> None: ...
+    def report(self) -> dict[str, Any]: ...
 
 def live_resources() -> LiveResources: ...
 def fail_eventfd_at(n: int) -> None: ...

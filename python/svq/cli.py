@@ -1,5 +1,5 @@
-"""The ``svq`` command line: ``svq demo`` (the main job), ``svq info DEVICE`` and
-``svq bench``."""
+"""The ``svq`` command line: ``svq demo`` (the main job), ``svq info DEVICE``, ``svq bench``,
+``svq serve`` (a VMM's vhost-user backend) and ``svq ctl`` (asks a running server)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,19 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
 from . import bench, blk, net
 from ._native import SvqError, live_resources
 from .device import Device
+from .serve import ControlSocket, VhostUserServer, ctl
 from .session import CopyStrategy, Mode, Session
+
+log = logging.getLogger(__name__)
 
 DEMO_MAC_AFTER = "02:5a:51:00:00:01"
 
@@ -154,6 +159,66 @@ def _print_info(i: dict[str, Any]) -> None:
     print(f"  config          : {', '.join(f'{k}={v}' for k, v in i['config'].items())}")
 
 
+def _queue_mode(text: str) -> tuple[int, Mode]:
+    """``Q=MODE`` with Q a queue index or one of rx, tx, ctrl."""
+    name, sep, mode = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: use QUEUE=MODE, e.g. ctrl=copy or 1=translate")
+    named = {"rx": net.RX, "tx": net.TX, "ctrl": net.CTRL}
+    try:
+        queue = named[name] if name in named else int(name)
+        return queue, Mode(mode)
+    except (KeyError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from e
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Runs a vhost-user backend until SIGINT or SIGTERM; 0 after a clean stop."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with VhostUserServer(args.device, args.vhost_user, mode=args.mode, queue_modes=dict(args.queue_mode or []),
+                             copy_strategy=args.copy_strategy, busy_poll=args.busy_poll) as server:
+            control = ControlSocket(server, args.ctl) if args.ctl else None
+            try:
+                server.start()
+                print(f"svq serve: {args.device} on {server.path} ({server.mode.value} mode)", file=sys.stderr, flush=True)
+                seen = 0
+                while not stop.wait(0.1):
+                    # Refusals and connection ends are worth a line on stderr.
+                    events = server.report()["events"]
+                    for e in events[min(seen, len(events)):]:
+                        print(f"svq serve: {e}", file=sys.stderr, flush=True)
+                    seen = len(events)
+                    if server.wait(0):
+                        break  # the server failed on its own: wait() raised, or it stopped
+            finally:
+                if control:
+                    control.close()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def ctl_command(args: argparse.Namespace) -> int:
+    answer = ctl(args.socket, args.what)
+    if "error" in answer:
+        print(f"svq ctl: {answer['error']}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(answer))
+    else:
+        for key, value in answer.items():
+            print(f"{key}: {json.dumps(value)}")
+    return 0
+
+
 def _queue_size(text: str) -> int:
     n = int(text)
     if not 1 <= n <= 32768 or n & (n - 1):
@@ -177,6 +242,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bounce buffers of the copy-mode control queue (default pool)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
 
+    v = sub.add_parser("serve", help="be a VMM's vhost-user backend on a vDPA device")
+    v.add_argument("--vhost-user", required=True, metavar="PATH", help="the unix socket to listen on (a stale one is replaced)")
+    v.add_argument("--device", required=True, help="sim:net[,mac=M][,echo=IP], sim:blk, /dev/vhost-vdpa-N or a vdpa name")
+    v.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.TRANSLATE.value, help="mode of every queue (default translate)")
+    v.add_argument("--queue-mode", type=_queue_mode, action="append", metavar="Q=MODE",
+                   help="a queue's own mode, e.g. ctrl=copy or 1=passthrough (repeatable)")
+    v.add_argument("--copy-strategy", choices=[c.value for c in CopyStrategy], default=CopyStrategy.POOL.value)
+    v.add_argument("--ctl", metavar="PATH", help="a control socket answering stats, health and info (JSON lines)")
+    v.add_argument("--busy-poll", type=float, default=200e-6, metavar="SECONDS",
+                   help="after work, keep polling the rings this long before sleeping (default 0.0002; 0: never poll)")
+
+    c = sub.add_parser("ctl", help="ask a running svq serve: stats, health or info")
+    c.add_argument("socket", help="the control socket (svq serve --ctl)")
+    c.add_argument("what", choices=ControlSocket.COMMANDS)
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+
     b = sub.add_parser("bench", help="svq against peers, measured in the same run")
     bench.add_arguments(b)
 
@@ -199,9 +280,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if _demo_ok(r) else 1
         if args.command == "bench":
             return bench.run(args)
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "ctl":
+            return ctl_command(args)
         r = info(args)
         print(json.dumps(r)) if args.json else _print_info(r)
         return 0
-    except (OSError, ValueError, SvqError) as e:
+    except (OSError, ValueError, SvqError, ConnectionError) as e:
         print(f"svq {args.command}: {e}", file=sys.stderr)
         return 1

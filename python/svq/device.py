@@ -14,7 +14,11 @@ log = logging.getLogger(__name__)
 class Device:
     """An open vDPA device: the embedded one (``"sim:net"``, ``"sim:blk"``), a
     ``/dev/vhost-vdpa-N`` path, or a vdpa device name (resolved through
-    ``/sys/bus/vdpa/devices/<name>``). A context manager; :meth:`close` is idempotent."""
+    ``/sys/bus/vdpa/devices/<name>``). A context manager; :meth:`close` is idempotent.
+
+    The embedded devices take options after a comma: ``sim:net,mac=M,mtu=N`` and, to
+    play a peer host that answers ARP and ping at an address instead of looping frames
+    back, ``sim:net,echo=10.0.0.2[,echo_mac=M]``; ``sim:blk,sectors=N``."""
 
     def __init__(self, spec: str) -> None:
         self._native = _native.Device(spec)

@@ -123,6 +123,11 @@ class Session:
     its own when the device allows it (``isolate_cvq``); ``restore`` (a state from
     :meth:`net_state`) is replayed before the data queues start.
 
+    ``busy_poll``: after work, svq's engine keeps looking at the rings for up to this
+    many seconds (an adaptive window, notifications off, so neither side pays for a
+    notification during a burst) before it re-arms notifications and sleeps; 0 never
+    polls. An idle session costs no CPU either way.
+
     ``guest``: a guest svq does not own (:class:`svq.ExternalGuest`): only its queues
     are served, in the format its driver negotiated, and ``driver`` is not available
     (``memory``, ``queue_size``, ``indirect`` do not apply)."""
@@ -142,6 +147,7 @@ class Session:
         track_net_state: bool = True,
         restore: NetState | Mapping[str, Any] | None = None,
         restore_timeout: float = 10.0,
+        busy_poll: float = 200e-6,
         guest: ExternalGuest | None = None,
     ) -> None:
         # Arguments first: nothing is opened for a call that cannot succeed.
@@ -164,6 +170,7 @@ class Session:
                 track_net_state=track_net_state,
                 restore=dict(restore) if restore is not None else None,
                 restore_timeout=restore_timeout,
+                busy_poll=busy_poll,
                 external=guest.to_native() if guest is not None else None,
             )
         except BaseException:

@@ -52,12 +52,22 @@ pub struct ExternalQueue {
     pub base: u16,
 }
 
+/// A guest's memory as a front hands it over.
+#[derive(Debug)]
+pub enum ExternalMemory {
+    /// Files to map now.
+    Files(Vec<FileRegion>),
+    /// Memory the front already mapped (a vhost-user front maps the VMM's table once
+    /// and serves it across device restarts).
+    Mapped(Arc<GuestMemory>),
+}
+
 /// A guest svq does not own: its memory, its queues, and the virtio features its driver
 /// negotiated (they decide the rings' format: EVENT_IDX, INDIRECT_DESC).
 #[derive(Debug)]
 pub struct ExternalGuest {
-    /// Guest memory, as files.
-    pub memory: Vec<FileRegion>,
+    /// Guest memory.
+    pub memory: ExternalMemory,
     /// The queues to serve.
     pub queues: Vec<ExternalQueue>,
     /// The features the guest's driver negotiated.
@@ -68,7 +78,10 @@ impl ExternalGuest {
     /// Maps the memory and checks every queue: a valid size, distinct indices, every ring
     /// part inside one memory region and aligned, and eventfds for kick and call.
     pub fn attach(self) -> Result<Guest, FrontError> {
-        let memory = Arc::new(GuestMemory::from_files(self.memory)?);
+        let memory = match self.memory {
+            ExternalMemory::Files(files) => Arc::new(GuestMemory::from_files(files)?),
+            ExternalMemory::Mapped(m) => m,
+        };
         let event_idx = has(self.features, feature::RING_EVENT_IDX);
         let indirect = has(self.features, feature::RING_INDIRECT_DESC);
         let mut queues: Vec<GuestQueue> = Vec::with_capacity(self.queues.len());

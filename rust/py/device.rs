@@ -70,7 +70,9 @@ fn parse_mac(s: &str) -> PyResult<[u8; 6]> {
 impl Device {
     /// Opens `spec`: "sim:net", "sim:blk", a path such as /dev/vhost-vdpa-0, or a vdpa
     /// device name such as "vdpa0". The embedded net device takes options:
-    /// "sim:net,mac=52:54:00:12:34:56,mtu=1500"; blk takes "sim:blk,sectors=N".
+    /// "sim:net,mac=52:54:00:12:34:56,mtu=1500", and "echo=10.0.0.2[,echo_mac=M]" to play a
+    /// peer host answering ARP and ping at that address instead of looping frames back;
+    /// blk takes "sim:blk,sectors=N".
     #[new]
     #[pyo3(signature = (spec))]
     fn new(py: Python<'_>, spec: String) -> PyResult<Self> {
@@ -80,18 +82,29 @@ impl Device {
             let mut mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
             let mut mtu = 1500u16;
             let mut sectors = 262_144u64;
+            let mut echo_ip: Option<[u8; 4]> = None;
+            let mut echo_mac = crate::device::sim::echo::DEFAULT_MAC;
             for opt in parts {
                 let (k, v) = opt.split_once('=').ok_or_else(|| PyValueError::new_err(format!("bad option {opt:?} in {spec:?}")))?;
                 let num = |v: &str| v.parse::<u64>().map_err(|_| PyValueError::new_err(format!("bad number {v:?} in {spec:?}")));
                 match (kind, k) {
                     ("net", "mac") => mac = parse_mac(v)?,
+                    ("net", "echo") => {
+                        let ip: std::net::Ipv4Addr =
+                            v.parse().map_err(|_| PyValueError::new_err(format!("bad IPv4 address {v:?} in {spec:?}")))?;
+                        echo_ip = Some(ip.octets());
+                    }
+                    ("net", "echo_mac") => echo_mac = parse_mac(v)?,
                     ("net", "mtu") => mtu = u16::try_from(num(v)?).map_err(|_| PyValueError::new_err("mtu must fit 16 bits"))?,
                     ("blk", "sectors") if num(v)? > 0 && num(v)? <= (1 << 24) => sectors = num(v)?,
                     _ => return Err(PyValueError::new_err(format!("unknown or invalid option {opt:?} for sim:{kind}"))),
                 }
             }
             let dev = match kind {
-                "net" => py.detach(|| SimDevice::net(mac, mtu)),
+                "net" => match echo_ip {
+                    Some(ip) => py.detach(|| SimDevice::net_echo(mac, mtu, crate::device::sim::echo::Echo { ip, mac: echo_mac })),
+                    None => py.detach(|| SimDevice::net(mac, mtu)),
+                },
                 "blk" => py.detach(|| SimDevice::blk(sectors)),
                 _ => return Err(PyValueError::new_err(format!("unknown embedded device {spec:?}: use sim:net or sim:blk"))),
             }

@@ -12,6 +12,7 @@ use crate::live;
 mod args;
 mod device;
 mod errors;
+mod serve;
 mod session;
 
 /// Locks, taking the state even if a panic elsewhere poisoned the mutex.
@@ -42,6 +43,7 @@ fn fail_eventfd_at(n: args::U64) {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<device::Device>()?;
     m.add_class::<session::Session>()?;
+    m.add_class::<serve::VhostUserServer>()?;
     m.add_function(wrap_pyfunction!(live_resources, m)?)?;
     m.add_function(wrap_pyfunction!(fail_eventfd_at, m)?)?;
     #[cfg(feature = "bench")]

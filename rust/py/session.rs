@@ -16,13 +16,21 @@ use super::errors::{driver_err, inject_err, to_py};
 use super::lock;
 use crate::bounce::Strategy;
 use crate::front::driver::DriverError;
-use crate::front::external::{ExternalGuest, ExternalQueue};
+use crate::front::external::{ExternalGuest, ExternalMemory, ExternalQueue};
 use crate::mem::FileRegion;
 use crate::net::{NetState, RxMode};
 use crate::session::{Mode, Session as RustSession, SessionConfig, SessionError};
 use crate::shadow::{QueueHook, Verdict};
 
-fn parse_mode(m: &str) -> PyResult<Mode> {
+pub(super) fn parse_strategy(s: &str) -> PyResult<Strategy> {
+    match s {
+        "pool" => Ok(Strategy::Pool),
+        "per-element" => Ok(Strategy::PerElement),
+        s => Err(PyValueError::new_err(format!("unknown copy strategy {s:?}: use pool or per-element"))),
+    }
+}
+
+pub(super) fn parse_mode(m: &str) -> PyResult<Mode> {
     match m {
         "translate" => Ok(Mode::Translate),
         "copy" => Ok(Mode::Copy),
@@ -189,6 +197,14 @@ impl Drop for Session {
     }
 }
 
+/// The engine's poll window in seconds: 0 (never poll) up to 10 ms.
+pub(super) fn busy_poll_window(s: f64) -> PyResult<Duration> {
+    if !(s.is_finite() && (0.0..=0.01).contains(&s)) {
+        return Err(PyValueError::new_err(format!("busy_poll must be within 0..=0.01 seconds, got {s}")));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
 /// An external guest as the Python layer passes it: memory regions (guest address, size,
 /// fd, file offset), queues (index, size, desc, avail, used, kick fd, call fd, base) and
 /// the features its driver negotiated.
@@ -223,7 +239,7 @@ fn external_guest((memory, queues, features): ExternalArg) -> PyResult<ExternalG
             })
         })
         .collect::<PyResult<_>>()?;
-    Ok(ExternalGuest { memory, queues, features: features.0 })
+    Ok(ExternalGuest { memory: ExternalMemory::Files(memory), queues, features: features.0 })
 }
 
 type CompletionTuple = (u16, u32, Py<PyBytes>);
@@ -239,7 +255,7 @@ impl Session {
     /// `copy_strategy` is "pool" or "per-element"; `restore` a state dict as returned by
     /// `net_state()`.
     #[new]
-    #[pyo3(signature = (device, *, mode, queue_size, memory, event_idx, indirect, queue_modes, copy_strategy, isolate_cvq, track_net_state, restore, restore_timeout, external = None))]
+    #[pyo3(signature = (device, *, mode, queue_size, memory, event_idx, indirect, queue_modes, copy_strategy, isolate_cvq, track_net_state, restore, restore_timeout, busy_poll = 200e-6, external = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -255,17 +271,14 @@ impl Session {
         track_net_state: bool,
         restore: Option<Bound<'_, PyDict>>,
         restore_timeout: f64,
+        busy_poll: f64,
         external: Option<ExternalArg>,
     ) -> PyResult<Self> {
         let queue_size = queue_size.0;
         if queue_size == 0 || !queue_size.is_power_of_two() {
             return Err(PyValueError::new_err(format!("queue_size must be a power of two, got {queue_size}")));
         }
-        let copy_strategy = match copy_strategy {
-            "pool" => Strategy::Pool,
-            "per-element" => Strategy::PerElement,
-            s => return Err(PyValueError::new_err(format!("unknown copy strategy {s:?}: use pool or per-element"))),
-        };
+        let copy_strategy = parse_strategy(copy_strategy)?;
         let cfg = SessionConfig {
             mode: parse_mode(mode)?,
             queue_modes: queue_modes.iter().map(|(q, m)| Ok((q.0, parse_mode(m)?))).collect::<PyResult<_>>()?,
@@ -278,6 +291,7 @@ impl Session {
             track_net_state,
             restore: restore.map(|d| state_from_dict(&d)).transpose()?,
             restore_timeout: timeout(restore_timeout)?,
+            busy_poll: busy_poll_window(busy_poll)?,
         };
         let dev = device.backend()?.dyn_device();
         let guest = external.map(external_guest).transpose()?;

@@ -31,9 +31,9 @@ impl Vring {
     /// `layout.desc_bytes()`, `layout.avail_bytes()` and `layout.used_bytes()` bytes for as
     /// long as the `Vring` (or a copy) is used, and aligned to 16, 2 and 4 bytes.
     pub unsafe fn new(desc: NonNull<u8>, avail: NonNull<u8>, used: NonNull<u8>, layout: RingLayout) -> Self {
-        debug_assert!(desc.as_ptr() as usize % 16 == 0);
-        debug_assert!(avail.as_ptr() as usize % 2 == 0);
-        debug_assert!(used.as_ptr() as usize % 4 == 0);
+        debug_assert!((desc.as_ptr() as usize).is_multiple_of(16));
+        debug_assert!((avail.as_ptr() as usize).is_multiple_of(2));
+        debug_assert!((used.as_ptr() as usize).is_multiple_of(4));
         Vring { desc, avail, used, layout }
     }
 

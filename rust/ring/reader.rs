@@ -204,6 +204,13 @@ impl RingReader {
         self.last_avail
     }
 
+    /// Whether the driver published chains not popped yet (a cheap look for polling; a
+    /// bad index is found by the pop).
+    #[inline]
+    pub fn has_avail(&self) -> bool {
+        self.ring.avail_idx() != self.last_avail
+    }
+
     /// Chains the driver published and we have not popped yet.
     pub fn pending(&self) -> Result<u16, ChainError> {
         let idx = self.ring.avail_idx();
@@ -253,6 +260,12 @@ impl RingReader {
         self.last_avail = self.last_avail.wrapping_sub(1);
     }
 
+    /// Rewinds the last `n` pops: those chains will be popped again by whoever serves the
+    /// ring next (they were never used).
+    pub fn rewind(&mut self, n: u16) {
+        self.last_avail = self.last_avail.wrapping_sub(n);
+    }
+
     #[inline]
     fn walk<M: BufferSpace, S: ChainSink>(&self, mem: &M, head: u16, chain: &mut S) -> Result<(), ChainError> {
         let size = self.ring.size();
@@ -297,11 +310,11 @@ impl RingReader {
     fn walk_indirect<M: BufferSpace, S: ChainSink>(&self, mem: &M, head: u16, table: Descriptor, chain: &mut S) -> Result<(), ChainError> {
         let len = table.len();
         let max = self.ring.size() as u32;
-        if len == 0 || len % 16 != 0 || len / 16 > max {
+        if len == 0 || !len.is_multiple_of(16) || len / 16 > max {
             return Err(ChainError::IndirectLength { head, len, max });
         }
         let addr = table.addr();
-        if addr % 16 != 0 {
+        if !addr.is_multiple_of(16) {
             return Err(ChainError::IndirectUnreadable { head, addr });
         }
         if !mem.check(addr, len as u64, false) {

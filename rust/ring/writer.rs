@@ -141,6 +141,10 @@ impl RingWriter {
     pub fn avail_idx(&self) -> u16 {
         self.avail_idx
     }
+    /// The used index reaped up to.
+    pub fn last_used(&self) -> u16 {
+        self.last_used
+    }
     /// Heads in flight, in index order.
     pub fn in_flight_heads(&self) -> impl Iterator<Item = u16> + '_ {
         self.chain_len.iter().enumerate().filter(|(_, &n)| n != 0).map(|(i, _)| i as u16)
@@ -215,6 +219,13 @@ impl RingWriter {
         } else {
             self.ring.used_flags() & VRING_USED_F_NO_NOTIFY == 0
         }
+    }
+
+    /// Whether the device published used entries not reaped yet (a cheap look for polling;
+    /// [`RingWriter::pop_used`] validates them).
+    #[inline]
+    pub fn has_used(&self) -> bool {
+        self.ring.used_idx() != self.last_used
     }
 
     /// Reaps one used entry, validated: `Ok(Some((head, len)))`, `Ok(None)` when none.

@@ -89,6 +89,9 @@ pub struct SessionConfig {
     pub restore: Option<NetState>,
     /// How long restore waits for all acknowledgements.
     pub restore_timeout: Duration,
+    /// The engine's adaptive poll: after work it keeps looking at the rings for up to
+    /// this long (notifications off) before it re-arms them and sleeps. Zero: never poll.
+    pub busy_poll: Duration,
 }
 
 impl Default for SessionConfig {
@@ -105,6 +108,7 @@ impl Default for SessionConfig {
             track_net_state: true,
             restore: None,
             restore_timeout: Duration::from_secs(10),
+            busy_poll: Duration::from_micros(200),
         }
     }
 }
@@ -394,6 +398,55 @@ impl Session {
         Ok(self.device.vring_base(q)?)
     }
 
+    /// Stops the session to hand its guest rings over to whoever serves them next (another
+    /// device, a VMM, passthrough): suspends the device (or resets it where SUSPEND is
+    /// not offered), gives back to each guest ring the chains the device did not take
+    /// (the guest's avail index is rewound over them), completes with length 0 what the
+    /// device took and did not complete, and closes. Returns where each served guest
+    /// ring stands: nothing is in flight, so its used index equals its avail index.
+    pub fn stop_saving(&mut self) -> Result<Vec<QueuePosition>, SessionError> {
+        if self.closed {
+            return Err(SessionError::Closed);
+        }
+        if self.engine.as_ref().is_some_and(Engine::on_engine_thread) {
+            return Err(SessionError::Invalid("a session cannot be stopped for a hand-over from its own hook".into()));
+        }
+        let dev = self.device.clone();
+        let can_suspend = crate::virtio::has(self.backend_features, crate::virtio::backend_feature::SUSPEND);
+        let passthrough: Vec<u32> = self.modes.iter().filter(|(_, m)| *m == Mode::Passthrough).map(|(q, _)| *q).collect();
+        if !passthrough.is_empty() && !can_suspend {
+            return Err(SessionError::Negotiation("a passthrough ring's position can be saved only on a device that can SUSPEND".into()));
+        }
+        let suspended = can_suspend && dev.suspend().is_ok();
+        if !passthrough.is_empty() && !suspended {
+            return Err(SessionError::Negotiation("the device refused to SUSPEND: a passthrough ring's position cannot be saved".into()));
+        }
+        let mut queues = self.engine.take().map(Engine::stop).unwrap_or_default();
+        let mut positions = Vec::new();
+        for q in passthrough {
+            // The device read the guest ring itself: its position is the guest's.
+            let base = match dev.vring_base(q) {
+                Ok(b) => b,
+                Err(e) => {
+                    drop(self.take_teardown().run(queues));
+                    return Err(e.into());
+                }
+            };
+            positions.push(QueuePosition { queue: q, avail: base, used: base });
+        }
+        for sq in &mut queues {
+            sq.drain_used();
+            // Without a suspend the device is reset: an in-order device took exactly what
+            // it completed.
+            let taken = if suspended { dev.vring_base(sq.index).ok() } else { None };
+            sq.rewind_untaken(taken.unwrap_or_else(|| sq.shadow_used()));
+        }
+        let (result, shadowed) = self.take_teardown().run_keeping_positions(queues);
+        positions.extend(shadowed);
+        positions.sort_by_key(|p| p.queue);
+        result.map(|()| positions)
+    }
+
     /// Stops the engine, resets the device, returns every element in flight, unbinds
     /// every eventfd, unmaps everything and wakes every waiter. Memory the device might
     /// still reach (its reset was not acknowledged, or an unmap failed) is kept, never
@@ -407,17 +460,7 @@ impl Session {
         if self.closed {
             return Ok(());
         }
-        self.closed = true;
-        let teardown = Teardown {
-            device: self.device.clone(),
-            dma: self.dma.clone(),
-            claim: self.claim.take(),
-            queues: self.modes.iter().map(|(q, _)| *q).collect(),
-            ring_mem: std::mem::take(&mut self.ring_mem),
-            driver: self.driver.take(),
-            guest_mem: self.guest_mem.take(),
-            guest_queues: std::mem::take(&mut self.guest_queues),
-        };
+        let teardown = self.take_teardown();
         match self.engine.take() {
             Some(engine) if engine.on_engine_thread() => {
                 engine.stop_from_engine_thread(Box::new(move |queues| drop(teardown.run(queues))));
@@ -435,6 +478,34 @@ pub(crate) enum GuestSource {
     InProcess,
     /// A guest svq does not own.
     External(ExternalGuest),
+}
+
+impl Session {
+    /// Takes out of the session everything a teardown releases (and marks it closed).
+    fn take_teardown(&mut self) -> Teardown {
+        self.closed = true;
+        Teardown {
+            device: self.device.clone(),
+            dma: self.dma.clone(),
+            claim: self.claim.take(),
+            queues: self.modes.iter().map(|(q, _)| *q).collect(),
+            ring_mem: std::mem::take(&mut self.ring_mem),
+            driver: self.driver.take(),
+            guest_mem: self.guest_mem.take(),
+            guest_queues: std::mem::take(&mut self.guest_queues),
+        }
+    }
+}
+
+/// Where a guest ring stands after its session stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueuePosition {
+    /// The queue.
+    pub queue: u32,
+    /// The next avail index to pop (`VHOST_GET_VRING_BASE`).
+    pub avail: u16,
+    /// The used index published.
+    pub used: u16,
 }
 
 impl Drop for Session {

@@ -148,7 +148,7 @@ impl Session {
         }
         dev.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK)?;
         let watched = guest_queues.iter().map(|g| (g.index, g.health.clone(), g.call.clone())).collect();
-        self.engine = Some(Engine::start(shadows, dev.clone(), config_call, watched).map_err(os("start engine"))?);
+        self.engine = Some(Engine::start(shadows, dev.clone(), config_call, watched, cfg.busy_poll).map_err(os("start engine"))?);
         if let Some(saved) = &cfg.restore {
             self.restore(saved, cfg.restore_timeout)?;
         }

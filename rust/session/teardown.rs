@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::claim::DeviceClaim;
-use super::SessionError;
+use super::{QueuePosition, SessionError};
 use crate::device::Device;
 use crate::dma::Dma;
 use crate::front::driver::Driver;
@@ -29,7 +29,13 @@ pub(super) struct Teardown {
 
 impl Teardown {
     /// Runs every step, even after a failed one; the first error is returned.
-    pub(super) fn run(self, mut queues: Vec<ShadowQueue>) -> Result<(), SessionError> {
+    pub(super) fn run(self, queues: Vec<ShadowQueue>) -> Result<(), SessionError> {
+        self.run_keeping_positions(queues).0
+    }
+
+    /// Like [`Teardown::run`], and says where each shadowed guest ring stands once its
+    /// queue stopped.
+    pub(super) fn run_keeping_positions(self, mut queues: Vec<ShadowQueue>) -> (Result<(), SessionError>, Vec<QueuePosition>) {
         let mut first: Option<SessionError> = None;
         let mut keep = |r: Result<(), SessionError>| {
             if let Err(e) = r {
@@ -50,11 +56,14 @@ impl Teardown {
         }
         keep(dev.set_config_call(None).map_err(Into::into));
         let mut unmapped = true;
+        let mut positions = Vec::with_capacity(queues.len());
         for q in &mut queues {
             if let Err(e) = q.stop(StopReason::Closed, quiesced) {
                 unmapped = false;
                 keep(Err(e.into()));
             }
+            let (avail, used) = q.guest_position();
+            positions.push(QueuePosition { queue: q.index, avail, used });
         }
         drop(queues);
         if let Err(e) = self.dma.unmap_all() {
@@ -76,6 +85,6 @@ impl Teardown {
         // Whoever waits on a guest queue wakes and finds the session closed.
         notifiers.iter().for_each(|c| c.signal());
         drop(self.claim);
-        first.map_or(Ok(()), Err)
+        (first.map_or(Ok(()), Err), positions)
     }
 }

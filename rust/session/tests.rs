@@ -94,3 +94,29 @@ fn a_panic_on_the_engine_thread_breaks_the_queues_and_close_still_cleans_up() {
     s.close().unwrap();
     assert_eq!(dev.live_mappings(), Some(0));
 }
+
+#[test]
+fn stop_saving_gives_back_what_the_device_did_not_take() {
+    for mode in [Mode::Translate, Mode::Copy, Mode::Passthrough] {
+        let dev: Arc<dyn Device> = Arc::new(SimDevice::net(MAC, 1500).unwrap());
+        let mut s = Session::start(dev.clone(), &SessionConfig { mode, ..Default::default() }).unwrap();
+        let d = s.driver().unwrap();
+        for _ in 0..64 {
+            d.add(0, &[], &[2048]).unwrap();
+        }
+        d.kick(0).unwrap();
+        for i in 0..10 {
+            d.add(1, &[&frame(MAC, 100, i)], &[]).unwrap();
+        }
+        d.kick(1).unwrap();
+        assert_eq!(d.wait(0, 10, false, Duration::from_secs(5)).unwrap().len(), 10);
+        assert_eq!(d.wait(1, 10, false, Duration::from_secs(5)).unwrap().len(), 10);
+        let positions = s.stop_saving().unwrap();
+        let pos = |q: u32| positions.iter().find(|p| p.queue == q).copied().unwrap();
+        // The 54 receive buffers the device never took go back to the guest ring.
+        assert_eq!((pos(0).avail, pos(0).used), (10, 10), "{mode:?}");
+        assert_eq!((pos(1).avail, pos(1).used), (10, 10), "{mode:?}");
+        assert!(s.driver().is_err(), "the session is closed");
+        assert_eq!(dev.live_mappings(), Some(0));
+    }
+}

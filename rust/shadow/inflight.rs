@@ -116,6 +116,19 @@ impl InFlightTable {
         }
     }
 
+    /// The guest chain on shadow head `head`: `Some(Some(guest head))` for a guest
+    /// element, `Some(None)` for svq's own, None when no element is there.
+    pub(super) fn guest_head_of(&self, head: u16) -> Option<Option<u16>> {
+        match self.slots.get(head as usize)? {
+            Slot::Free => None,
+            Slot::Guest(g) => Some(Some(*g)),
+            Slot::Rich => match &self.rich[head as usize].as_ref()?.origin {
+                Origin::Guest(g) => Some(Some(*g)),
+                Origin::Injected(_) => Some(None),
+            },
+        }
+    }
+
     /// The injectors waiting on elements in flight.
     pub(super) fn injected(&self) -> impl Iterator<Item = &Arc<InjectSlot>> {
         self.rich.iter().flatten().filter_map(|f| match &f.origin {

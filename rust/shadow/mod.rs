@@ -13,6 +13,7 @@
 
 mod copy;
 pub mod cvq;
+mod handover;
 mod hook;
 mod inflight;
 mod inject;
@@ -24,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use copy::{BounceSpace, Forwarding};
+pub use handover::Rewound;
 pub use hook::{QueueHook, Verdict};
 pub use inject::{InjectError, InjectResult, InjectSlot};
 pub use stats::QueueStats;
@@ -339,6 +341,52 @@ impl ShadowQueue {
         if self.held.is_some() || !self.injected.is_empty() {
             self.forward();
         }
+    }
+
+    /// One polling pass: reaps what the device completed and forwards what the guest
+    /// published, with notifications from both left off (a polling engine comes back
+    /// soon; [`ShadowQueue::rearm`] turns them on before it sleeps). Whether anything
+    /// moved.
+    pub fn poll(&mut self) -> bool {
+        if self.is_broken() {
+            return false;
+        }
+        let mut moved = false;
+        if self.shadow.has_used() {
+            self.shadow.disable_cb();
+            if let Err(fault) = self.reap_used() {
+                self.call_guest();
+                self.fail(fault);
+                return true;
+            }
+            moved = true;
+        }
+        let room = self.held.is_none() || self.shadow.num_free() > 0;
+        if room && (self.guest.has_avail() || self.held.is_some() || !self.injected.is_empty()) {
+            self.guest.disable_notify();
+            match self.forward_all() {
+                Ok(_) => self.kick_device(),
+                Err(fault) => {
+                    self.call_guest();
+                    self.fail(fault);
+                    return true;
+                }
+            }
+            moved = true;
+        }
+        self.call_guest();
+        moved
+    }
+
+    /// Asks the guest for kicks and the device for calls again, then looks once more:
+    /// whether work arrived in between (then poll again rather than sleep).
+    pub fn rearm(&mut self) -> bool {
+        if self.is_broken() {
+            return false;
+        }
+        let guest = self.held.is_none() && self.guest.enable_notify();
+        let device = self.shadow.enable_cb();
+        guest || device
     }
 
     /// Reaps every used entry the device published and completes its element.

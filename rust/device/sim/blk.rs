@@ -59,7 +59,9 @@ pub(super) fn process(st: &mut SimState) {
                 let kind = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
                 let sector = u64::from_le_bytes(buf[8..16].try_into().unwrap_or_default());
                 let in_range = |bytes: u64| {
-                    bytes % SECTOR == 0 && bytes <= MAX_REQUEST && sector.checked_add(bytes / SECTOR).is_some_and(|end| end <= capacity)
+                    bytes.is_multiple_of(SECTOR)
+                        && bytes <= MAX_REQUEST
+                        && sector.checked_add(bytes / SECTOR).is_some_and(|end| end <= capacity)
                 };
                 match kind {
                     REQ_IN if in_range(data_in) => {

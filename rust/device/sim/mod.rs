@@ -21,6 +21,7 @@ use crate::virtio::feature;
 use crate::virtio::{backend_feature as bf, status};
 
 mod blk;
+pub mod echo;
 mod net;
 pub mod view;
 
@@ -46,12 +47,14 @@ const COMMON_FEATURES: u64 =
 /// Which device the model is.
 #[derive(Debug, Clone)]
 pub enum SimKind {
-    /// virtio-net with TX→RX loopback and a control queue.
+    /// virtio-net with TX→RX loopback (or an echo responder) and a control queue.
     Net {
         /// MAC address in config space.
         mac: [u8; 6],
         /// MTU in config space.
         mtu: u16,
+        /// Play a peer host answering ARP and ICMP echo instead of looping TX back.
+        echo: Option<echo::Echo>,
     },
     /// virtio-blk over a RAM disk.
     Blk {
@@ -171,7 +174,13 @@ pub struct SimDevice {
 impl SimDevice {
     /// A virtio-net device (rx 0, tx 1, control 2; the control queue alone in group 1).
     pub fn net(mac: [u8; 6], mtu: u16) -> DeviceResult<Self> {
-        Self::start(SimKind::Net { mac, mtu })
+        Self::start(SimKind::Net { mac, mtu, echo: None })
+    }
+
+    /// A virtio-net device whose far end is a peer host at `echo.ip` answering ARP and
+    /// ICMP echo (instead of the TX→RX loopback).
+    pub fn net_echo(mac: [u8; 6], mtu: u16, echo: echo::Echo) -> DeviceResult<Self> {
+        Self::start(SimKind::Net { mac, mtu, echo: Some(echo) })
     }
 
     /// A virtio-blk device over a RAM disk of `capacity` sectors.
@@ -270,7 +279,7 @@ impl SimState {
 
     fn config_bytes(&self) -> Vec<u8> {
         match &self.kind {
-            SimKind::Net { mac, mtu } => net::config(mac, *mtu),
+            SimKind::Net { mac, mtu, .. } => net::config(mac, *mtu),
             SimKind::Blk { capacity } => blk::config(*capacity),
         }
     }

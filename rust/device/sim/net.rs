@@ -84,8 +84,8 @@ pub(super) fn process(st: &mut SimState) {
 
 /// Moves TX frames to RX buffers until TX is empty or RX has no buffer.
 fn loopback(st: &mut SimState) {
-    let mac = match st.kind {
-        SimKind::Net { mac, .. } => mac,
+    let (mac, echo) = match st.kind {
+        SimKind::Net { mac, echo, .. } => (mac, echo),
         SimKind::Blk { .. } => return,
     };
     loop {
@@ -99,17 +99,24 @@ fn loopback(st: &mut SimState) {
             Ok(Some(chain.head))
         });
         let Some(Some(tx_head)) = popped else { break };
-        let frame = std::mem::take(&mut st.scratch);
+        let tx = std::mem::take(&mut st.scratch);
+        // An echo responder answers (or ignores) the frame; a loopback returns it.
+        let reply = echo.map(|e| e.reply(&tx));
+        let frame = match &reply {
+            Some(Some(r)) => r.as_slice(),
+            Some(None) => &[][..],
+            None => tx.as_slice(),
+        };
         let mut delivered = false;
         let mut overrun = false;
         let (rx_ctrl, vlan_ctrl) = (st.has(feature::CTRL_RX), st.has(feature::CTRL_VLAN));
-        if passes_filter(&frame, &mac, &st.net, rx_ctrl, vlan_ctrl) {
+        if passes_filter(frame, &mac, &st.net, rx_ctrl, vlan_ctrl) {
             let res = st.with_ring(RX_QUEUE, |r, view, chain, _, stats| {
                 if !r.pop(&view, chain).map_err(|e| e.to_string())? {
                     stats.rx_overruns += 1;
                     return Ok(false);
                 }
-                let written = view.scatter(&chain.inn, &frame).map_err(|e| e.to_string())?;
+                let written = view.scatter(&chain.inn, frame).map_err(|e| e.to_string())?;
                 r.push_used(chain.head, written as u32);
                 stats.rx_packets += 1;
                 Ok(true)
@@ -118,14 +125,14 @@ fn loopback(st: &mut SimState) {
                 Some(true) => delivered = true,
                 Some(false) => overrun = true,
                 None => {
-                    st.scratch = frame;
+                    st.scratch = tx;
                     return;
                 }
             }
         } else {
             st.stats.rx_drops += 1;
         }
-        st.scratch = frame;
+        st.scratch = tx;
         if let Some(r) = st.queues[TX_QUEUE].reader.as_mut() {
             r.push_used(tx_head, 0);
         }
