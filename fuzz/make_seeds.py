@@ -269,6 +269,50 @@ def ctrl_command_seeds() -> dict[str, bytes]:
     }
 
 
+VU_CODES = [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 39, 40]
+VU_VA = 0x7F00_0000_0000
+
+
+def vu_msg(code: int, payload: bytes = b"", flags: int = 0, fds: int = 0) -> bytes:
+    """One message of the vhost_user_requests input: code pick, flags pick (0 version,
+    1 version+need-reply), payload length and bytes, fd pick (0 none, 2 eventfd, 3 memfd)."""
+    return bytes([VU_CODES.index(code), flags, len(payload)]) + payload + bytes([fds])
+
+
+def vhost_user_requests_seeds() -> dict[str, bytes]:
+    setup = (
+        vu_msg(1)
+        + vu_msg(3)
+        + vu_msg(15)
+        + vu_msg(16, struct.pack("<Q", (1 << 0) | (1 << 3) | (1 << 16)))
+        + vu_msg(2, struct.pack("<Q", (1 << 32) | (1 << 30)), 1)
+        + vu_msg(18, struct.pack("<II", 0, 1))
+        + vu_msg(18, struct.pack("<II", 1, 1))
+        + vu_msg(5, struct.pack("<IIQQQQ", 1, 0, 0x10_0000, 1 << 20, VU_VA, 0), 1, 3)
+    )
+    rings = b""
+    for q in (0, 1):
+        base = VU_VA + q * 0x4000
+        rings += (
+            vu_msg(8, struct.pack("<II", q, 256), 1)
+            + vu_msg(10, struct.pack("<II", q, 0), 1)
+            + vu_msg(9, struct.pack("<IIQQQQ", q, 0, base, base + 0x2000, base + 0x1000, 0), 1)
+            + vu_msg(12, struct.pack("<Q", q), 1, 2)
+            + vu_msg(13, struct.pack("<Q", q), 1, 2)
+        )
+    start = vu_msg(39, struct.pack("<Q", 0xF), 1) + vu_msg(40)
+    stop = vu_msg(39, struct.pack("<Q", 0), 1) + vu_msg(11, struct.pack("<II", 0, 0)) + vu_msg(11, struct.pack("<II", 1, 0))
+    return {
+        "boot_and_stop": setup + rings + start + stop,
+        "kick_started": setup.replace(vu_msg(16, struct.pack("<Q", (1 << 0) | (1 << 3) | (1 << 16))),
+                                      vu_msg(16, struct.pack("<Q", (1 << 0) | (1 << 3)))) + rings,
+        "bad_ring_size": setup + vu_msg(8, struct.pack("<II", 0, 100), 1) + rings + start,
+        "mem_table_twice": setup + rings + start + vu_msg(5, struct.pack("<IIQQQQ", 1, 0, 0, 1 << 20, VU_VA, 0), 1, 3),
+        "short_payload": setup + bytes([VU_CODES.index(8), 1, 4]) + struct.pack("<I", 0) + bytes([0]),
+        "handshake_only": setup,
+    }
+
+
 def main() -> None:
     total = 0
     for target, seeds in [
@@ -276,6 +320,7 @@ def main() -> None:
         ("reap_used_ring", reap_used_ring_seeds()),
         ("iova_ops", iova_ops_seeds()),
         ("ctrl_command", ctrl_command_seeds()),
+        ("vhost_user_requests", vhost_user_requests_seeds()),
     ]:
         d = HERE / "corpus" / target
         shutil.rmtree(d, ignore_errors=True)

@@ -391,6 +391,7 @@ pub fn forward(segments: usize, frame_size: usize, elements: u64, batch: usize, 
         health: Arc::new(QueueHealth::default()),
         bounce_space: None,
         bounce: None,
+        used_gpa: FWD_GUEST_GPA + layout.packed_offsets().2,
     });
     // Both peers ask for notifications from the start.
     device.enable_notify();
@@ -528,6 +529,7 @@ pub fn copy(bytes: usize, elements: u64, batch: usize) -> Result<CopyFigures, St
         health: Arc::new(QueueHealth::default()),
         bounce_space: Some(BounceSpace { dma, asid: 0, strategy: Strategy::Pool }),
         bounce: Some(pool),
+        used_gpa: gpa + layout.packed_offsets().2,
     });
     let mut guest = RingWriter::new(guest_ring, 0, true);
     let mut device = RingReader::new(shadow.ring(), 0, true, false);

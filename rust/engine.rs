@@ -8,6 +8,7 @@
 
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::device::Device;
+use crate::dirty::DirtyLog;
 use crate::eventfd::EventFd;
 use crate::fault::{Fault, QueueFault, QueueHealth};
 use crate::live::ThreadToken;
@@ -48,20 +50,43 @@ pub enum Request {
         /// Completed once the hook is in place.
         done: Arc<InjectSlot>,
     },
+    /// Attach (or detach) the dirty log on every queue.
+    Log {
+        /// The log.
+        log: Option<Arc<DirtyLog>>,
+        /// Completed once every queue logs.
+        done: Arc<InjectSlot>,
+    },
+    /// Take over a queue (it was passthrough and is now shadowed).
+    Adopt {
+        /// The queue.
+        queue: Box<ShadowQueue>,
+        /// Its outcome (an epoll registration may fail).
+        done: SyncSender<Result<(), Errno>>,
+    },
+    /// Give a queue back (it goes back to passthrough, or is handed over).
+    Release {
+        /// Queue index.
+        queue: u32,
+        /// The queue, when the engine had it.
+        done: SyncSender<Option<Box<ShadowQueue>>>,
+    },
 }
 
 impl Request {
-    fn queue(&self) -> u32 {
-        match self {
-            Request::Inject { queue, .. } | Request::Hook { queue, .. } => *queue,
-        }
-    }
-
     /// Tells whoever waits on the request that it will never run.
     fn cancel(self, why: InjectError) {
         match self {
             Request::Inject { slot, .. } => slot.complete(Err(why)),
-            Request::Hook { done, .. } => done.complete(Err(why)),
+            Request::Hook { done, .. } | Request::Log { done, .. } => done.complete(Err(why)),
+            // The queue comes back to the caller, who tears it down.
+            Request::Adopt { queue, done } => {
+                let _ = done.send(Err(Errno::ESHUTDOWN));
+                drop(queue);
+            }
+            Request::Release { done, .. } => {
+                let _ = done.send(None);
+            }
         }
     }
 }
@@ -97,6 +122,18 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// A queue's events carry its index: bit 0 says which eventfd (guest kick 0, device call 1).
+fn watch(epoll: &Epoll, q: &ShadowQueue) -> Result<(), Errno> {
+    let token = u64::from(q.index) << 1;
+    epoll.add(q.fds.guest_kick.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token))?;
+    epoll.add(q.fds.device_call.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, token | 1))
+}
+
+fn unwatch(epoll: &Epoll, q: &ShadowQueue) {
+    let _ = epoll.delete(q.fds.guest_kick.as_fd());
+    let _ = epoll.delete(q.fds.device_call.as_fd());
+}
+
 fn lock(m: &Mutex<Inbox>) -> std::sync::MutexGuard<'_, Inbox> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -119,12 +156,11 @@ impl Engine {
         epoll.add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, STOP))?;
         epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, INBOX))?;
         epoll.add(config_call.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, CONFIG))?;
-        for (i, q) in queues.iter().enumerate() {
-            epoll.add(q.fds.guest_kick.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, (i as u64) << 1))?;
-            epoll.add(q.fds.device_call.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, ((i as u64) << 1) | 1))?;
+        for q in &queues {
+            watch(&epoll, q)?;
         }
         let indices = queues.iter().map(|q| q.index).collect();
-        let poll = (!busy_poll.is_zero()).then(|| Poll::new(busy_poll));
+        let poll = Poll::new(busy_poll);
         let ctx = Worker { epoll, device, config_call, watched, stop: stop.clone(), wake: wake.clone(), inbox: inbox.clone(), poll };
         let token = ThreadToken::new();
         let thread = std::thread::Builder::new()
@@ -146,6 +182,25 @@ impl Engine {
     /// Whether the caller runs on the engine thread (inside a hook).
     pub fn on_engine_thread(&self) -> bool {
         std::thread::current().id() == self.thread_id
+    }
+
+    /// Takes over a shadowed queue (events and all) while running.
+    pub fn adopt(&mut self, queue: ShadowQueue) -> Result<(), Errno> {
+        let index = queue.index;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(vec![Request::Adopt { queue: Box::new(queue), done: tx }]);
+        rx.recv().unwrap_or(Err(Errno::ESHUTDOWN))?;
+        self.queues.push(index);
+        Ok(())
+    }
+
+    /// Gives a shadowed queue back (its events are no longer watched).
+    pub fn release(&mut self, index: u32) -> Option<ShadowQueue> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(vec![Request::Release { queue: index, done: tx }]);
+        let q = rx.recv().ok().flatten()?;
+        self.queues.retain(|&i| i != index);
+        Some(*q)
     }
 
     /// Hands work to the engine thread; after the engine stopped, each request is
@@ -196,6 +251,7 @@ impl Drop for Engine {
 /// Then it re-arms notifications, looks once more, and sleeps: an idle queue costs
 /// nothing.
 struct Poll {
+    min: Duration,
     max: Duration,
     window: Duration,
     /// When the last work was seen; None while sleeping.
@@ -207,8 +263,10 @@ struct Poll {
 impl Poll {
     const MIN: Duration = Duration::from_micros(5);
 
+    /// A window of at most `max` (zero: re-arm as soon as the queues are idle).
     fn new(max: Duration) -> Self {
-        Poll { max, window: (max / 4).max(Self::MIN), last_work: None, paid_off: false }
+        let min = Self::MIN.min(max);
+        Poll { min, max, window: (max / 4).max(min), last_work: None, paid_off: false }
     }
 }
 
@@ -221,7 +279,7 @@ enum Handled {
 }
 
 struct Worker {
-    poll: Option<Poll>,
+    poll: Poll,
     epoll: Epoll,
     device: Arc<dyn Device>,
     config_call: EventFd,
@@ -241,9 +299,9 @@ impl Worker {
         let mut events = [EpollEvent::empty(); 16];
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             // Guest kicks that arrived before the engine started are not lost: look once.
-            queues.iter_mut().for_each(|q| q.forward());
+            self.run_queues(&mut queues, true);
             loop {
-                let polling = self.poll.as_ref().is_some_and(|p| p.last_work.is_some());
+                let polling = self.poll.last_work.is_some();
                 let timeout = if polling { EpollTimeout::ZERO } else { EpollTimeout::NONE };
                 let n = match self.epoll.wait(&mut events, timeout) {
                     Ok(n) => n,
@@ -258,7 +316,7 @@ impl Worker {
                         Handled::Nothing => {}
                     }
                 }
-                self.keep_polling(&mut queues, moved);
+                self.run_queues(&mut queues, moved);
             }
         }));
         if let Err(panic) = outcome {
@@ -287,34 +345,101 @@ impl Worker {
         }
     }
 
-    /// After a round of events: with polling on, looks at every ring again, and keeps
-    /// doing so (without sleeping) while work comes within the window; once the window
-    /// passes idle, re-arms notifications and looks a last time before sleeping.
-    fn keep_polling(&mut self, queues: &mut [ShadowQueue], moved: bool) {
-        let Some(poll) = self.poll.as_mut() else { return };
-        let now = Instant::now();
-        let moved = queues.iter_mut().fold(moved, |m, q| q.poll() | m);
-        match poll.last_work {
-            _ if moved => {
-                if poll.last_work.is_some_and(|t| now - t > Poll::MIN) {
-                    poll.paid_off = true;
+    /// Runs one request; the queue it touched, if it should forward now.
+    fn apply(&self, r: Request, queues: &mut Vec<ShadowQueue>) -> Option<u32> {
+        let find = |queues: &mut Vec<ShadowQueue>, i: u32| queues.iter().position(|q| q.index == i);
+        match r {
+            Request::Log { log, done } => {
+                queues.iter_mut().for_each(|q| q.set_dirty_log(log.clone()));
+                done.complete(Ok((0, Vec::new())));
+                None
+            }
+            Request::Adopt { queue, done } => {
+                let index = queue.index;
+                match watch(&self.epoll, &queue) {
+                    Ok(()) => {
+                        queues.push(*queue);
+                        let _ = done.send(Ok(()));
+                        Some(index)
+                    }
+                    Err(e) => {
+                        unwatch(&self.epoll, &queue);
+                        let _ = done.send(Err(e));
+                        None
+                    }
                 }
-                poll.last_work = Some(now);
             }
-            Some(t) if now - t < poll.window => {}
-            Some(_) => {
-                // The window passed idle: adapt it, re-arm, and sleep unless work raced in.
-                poll.window = if poll.paid_off { (poll.window * 2).min(poll.max) } else { (poll.window / 2).max(Poll::MIN) };
-                poll.paid_off = false;
-                let raced = queues.iter_mut().fold(false, |r, q| q.rearm() | r);
-                poll.last_work = raced.then_some(now);
+            Request::Release { queue, done } => {
+                let q = find(queues, queue).map(|at| queues.remove(at));
+                if let Some(q) = &q {
+                    unwatch(&self.epoll, q);
+                }
+                let _ = done.send(q.map(Box::new));
+                None
             }
-            None => {}
+            Request::Inject { queue, out, in_len, slot } => match find(queues, queue) {
+                Some(at) => {
+                    queues[at].inject(out, in_len, slot);
+                    Some(queue)
+                }
+                None => {
+                    slot.complete(Err(InjectError::Invalid(format!("queue {queue} is not shadowed"))));
+                    None
+                }
+            },
+            Request::Hook { queue, hook, done } => match find(queues, queue) {
+                Some(at) => {
+                    queues[at].add_hook(hook);
+                    done.complete(Ok((0, Vec::new())));
+                    Some(queue)
+                }
+                None => {
+                    done.complete(Err(InjectError::Invalid(format!("queue {queue} is not shadowed"))));
+                    None
+                }
+            },
         }
     }
 
+    /// Runs the queues after a round of events: passes over every queue (reaping and
+    /// forwarding, notifications off) until a pass finds nothing new, then everything
+    /// forwarded reaches the devices at once. Because a pass that found work is always
+    /// followed by another, a chain the guest published on one queue before a chain on
+    /// another (a receive buffer before the frame sent to it) is on the device's rings
+    /// before the other becomes visible. Then the poll window: while work keeps coming,
+    /// the engine keeps looking without sleeping; once it passes idle, notifications are
+    /// re-armed, checked once more, and the engine sleeps.
+    fn run_queues(&mut self, queues: &mut [ShadowQueue], mut moved: bool) {
+        const MAX_PASSES: usize = 8;
+        for _ in 0..MAX_PASSES {
+            let pass = queues.iter_mut().fold(false, |m, q| q.poll() | m);
+            moved |= pass;
+            if !pass {
+                break;
+            }
+        }
+        queues.iter_mut().for_each(ShadowQueue::publish);
+        let poll = &mut self.poll;
+        let now = Instant::now();
+        if moved {
+            if poll.last_work.is_some_and(|t| now - t > Poll::MIN) {
+                poll.paid_off = true;
+            }
+            poll.last_work = Some(now);
+        }
+        let Some(t) = poll.last_work else { return };
+        if now - t < poll.window {
+            return;
+        }
+        // The window passed idle: adapt it, re-arm, and sleep unless work raced in.
+        poll.window = if poll.paid_off { (poll.window * 2).min(poll.max) } else { (poll.window / 2).max(poll.min) };
+        poll.paid_off = false;
+        let raced = queues.iter_mut().fold(false, |r, q| q.rearm() | r);
+        poll.last_work = raced.then_some(now);
+    }
+
     /// Handles one event.
-    fn handle(&self, token: u64, queues: &mut [ShadowQueue]) -> Handled {
+    fn handle(&self, token: u64, queues: &mut Vec<ShadowQueue>) -> Handled {
         match token {
             STOP => {
                 self.stop.drain();
@@ -334,42 +459,24 @@ impl Worker {
             INBOX => {
                 self.wake.drain();
                 let reqs = std::mem::take(&mut lock(&self.inbox).requests);
-                let mut touched = Vec::new();
+                let mut touched = false;
                 for r in reqs {
-                    let queue = r.queue();
-                    let Some(q) = queues.iter_mut().find(|q| q.index == queue) else {
-                        r.cancel(InjectError::Invalid(format!("queue {queue} is not shadowed")));
-                        continue;
-                    };
-                    match r {
-                        Request::Inject { out, in_len, slot, .. } => q.inject(out, in_len, slot),
-                        Request::Hook { hook, done, .. } => {
-                            q.add_hook(hook);
-                            done.complete(Ok((0, Vec::new())));
-                        }
-                    }
-                    touched.push(queue);
+                    touched |= self.apply(r, queues).is_some();
                 }
-                touched.sort_unstable();
-                touched.dedup();
-                queues.iter_mut().filter(|q| touched.contains(&q.index)).for_each(|q| q.forward());
+                if touched {
+                    return Handled::Moved;
+                }
             }
             token => {
-                let Some(q) = queues.get_mut((token >> 1) as usize) else { return Handled::Nothing };
+                let Some(q) = queues.iter_mut().find(|q| u64::from(q.index) == token >> 1) else { return Handled::Nothing };
                 if token & 1 == 0 {
                     let kicks = q.fds.guest_kick.drain();
                     q.stats().guest_kicks.fetch_add(kicks, Ordering::Relaxed);
-                    if self.poll.is_none() {
-                        q.forward();
-                    }
                 } else {
                     let calls = q.fds.device_call.drain();
                     q.stats().device_calls.fetch_add(calls, Ordering::Relaxed);
-                    if self.poll.is_none() {
-                        q.reap();
-                    }
                 }
-                // A polling engine looks at every ring right after the events.
+                // The rings are looked at once every event of the round is in.
                 return Handled::Moved;
             }
         }

@@ -19,6 +19,7 @@
 mod bench;
 pub mod bounce;
 pub mod device;
+pub mod dirty;
 pub mod dma;
 pub mod engine;
 pub mod eventfd;

@@ -167,3 +167,33 @@ def test_features_the_device_cannot_honour_are_refused(guest: PyGuest) -> None:
             svq.Session(dev, guest=guest.external(VERSION_1 | missing))
         with pytest.raises(ValueError, match="control queue 2 is not served"):
             svq.Session(dev, guest=guest.external(VERSION_1 | CTRL_VQ))
+
+
+@pytest.mark.parametrize("first, second", [(svq.Mode.PASSTHROUGH, svq.Mode.TRANSLATE), (svq.Mode.TRANSLATE, svq.Mode.COPY),
+                                           (svq.Mode.COPY, svq.Mode.PASSTHROUGH)], ids=lambda m: m.value)
+def test_rings_hand_over_from_one_device_to_another(guest: PyGuest, first: svq.Mode, second: svq.Mode) -> None:
+    guest.ring(0)
+    guest.ring(1)
+    rx = guest.rings[0]
+    with svq.Session("sim:net", mode=first, guest=guest.external(VERSION_1)) as a:
+        frames = [net.frame(net.BROADCAST, bytes([1, i]) * 30) for i in range(50)]
+        assert loopback(guest, a, frames) == frames
+        # 40 more receive buffers the device has not taken when the session stops.
+        for _ in range(40):
+            rx.add([], [2048])
+        rx.publish()
+        positions = a.stop_saving()
+    assert [(p["queue"], p["avail"], p["used"]) for p in positions] == [(0, 50, 50), (1, 50, 50)]
+    # The next device serves the same rings from where they stand: the 40 buffers given
+    # back are popped again and filled first.
+    for r, p in zip(guest.rings, positions, strict=True):
+        r.base = p["avail"]
+    with svq.Session("sim:net", mode=second, guest=guest.external(VERSION_1)) as b:
+        frames = [net.frame(net.BROADCAST, bytes([2, i]) * 30) for i in range(40)]
+        tx = guest.rings[1]
+        for f in frames:
+            tx.add([f], [])
+        tx.publish()
+        assert [d for _, _, d in rx.reap(40)] == frames
+        tx.reap(40)
+        assert b.stats(0)["completed"] == (0 if second is svq.Mode.PASSTHROUGH else 40)

@@ -14,7 +14,7 @@ def test_negotiated_features(mode: svq.Mode) -> None:
     with svq.Session("sim:net", mode=mode) as s:
         assert s.features >> 32 & 1 and s.features >> 33 & 1, "VERSION_1 and ACCESS_PLATFORM"
         assert s.features >> 29 & 1, "EVENT_IDX offered and wanted"
-        assert s.backend_features == 0x3E, "MSG_V2, BATCH, ASID, SUSPEND, RESUME acked"
+        assert s.backend_features == 0x7E, "MSG_V2, BATCH, ASID, SUSPEND, RESUME, ENABLE_AFTER_DRIVER_OK acked (not IOTLB_PERSIST)"
         assert s.num_queues == 3
 
 

@@ -4,6 +4,7 @@ every mode, ring positions handed over, reconnects, and hostile VMMs."""
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import time
@@ -161,8 +162,16 @@ HOSTILE = {
     "get_vring_base_out_of_range": lambda vmm, g: vmm.get_vring_base(9),
     "second_mem_table_while_running": lambda vmm, g: (vmm.attach(g, VERSION_1), wait_until(lambda: g.server.report()["running"]),
                                                       vmm.set_mem_table([(g.gpa, g.size, g.gpa + VA_OFFSET, 0, g.fd)])),
-    "call_fd_of_a_closed_file": lambda vmm, g: vmm.set_vring_fd(SET_VRING_CALL, 0, os.open("/dev/null", os.O_RDONLY)),
+    "call_fd_not_an_eventfd": lambda vmm, g: vmm.set_vring_fd(SET_VRING_CALL, 0, os.open("/dev/null", os.O_RDONLY)),
+    "region_file_free_to_shrink": lambda vmm, g: vmm.set_mem_table([(g.gpa, 1 << 20, g.gpa + VA_OFFSET, 0, unsealable(1 << 20))]),
 }
+
+
+def unsealable(size: int) -> int:
+    """A memfd that refuses seals: it could shrink under svq (SIGBUS on access)."""
+    fd = os.memfd_create("no-seals")
+    os.ftruncate(fd, size)
+    return fd
 
 
 @pytest.mark.hostile
@@ -223,3 +232,18 @@ def test_a_server_stops_cleanly_with_a_vmm_connected(tmp_path: Path, guest: PyGu
         assert dev.live_mappings() == 0 and dev.status() == 0
         assert not (tmp_path / "s.sock").exists()
         vmm.close()
+
+
+@pytest.mark.hostile
+def test_a_vmm_cannot_shrink_guest_memory_under_svq(server: svq.VhostUserServer, guest: PyGuest) -> None:
+    vmm = VhostUserClient(str(server.path))
+    vmm.handshake(VERSION_1)
+    vmm.attach(guest, VERSION_1)
+    wait_until(lambda: server.report()["running"])
+    # svq sealed the memfd at SET_MEM_TABLE: a shrink that would turn svq's and the
+    # device's accesses into SIGBUS is refused by the kernel.
+    with pytest.raises(OSError) as e:
+        os.ftruncate(guest.fd, 4096)
+    assert e.value.errno == errno.EPERM
+    loopback(guest, 20, 5)
+    vmm.close()

@@ -23,6 +23,7 @@ pub mod ctrl_command;
 pub mod iova_ops;
 pub mod pop_guest_ring;
 pub mod reap_used_ring;
+pub mod vhost_user_requests;
 
 /// A cursor over the fuzzer's bytes; reads past the end give zeros.
 #[derive(Debug, Clone)]

@@ -89,3 +89,11 @@ fn ctrl_command_seeds() {
 fn ctrl_command_smoke() {
     smoke("ctrl_command", svq_fuzz::ctrl_command::run);
 }
+#[test]
+fn vhost_user_requests_seeds() {
+    seeds("vhost_user_requests", svq_fuzz::vhost_user_requests::run);
+}
+#[test]
+fn vhost_user_requests_smoke() {
+    smoke("vhost_user_requests", svq_fuzz::vhost_user_requests::run);
+}

@@ -12,7 +12,7 @@ from typing import Any
 from . import _native
 from .device import Device
 from .front import ExternalGuest
-from .types import CvqInfo, GuestRing, MappingInfo, NetState, QueueFault, QueueStats
+from .types import CvqInfo, GuestRing, MappingInfo, NetState, QueueFault, QueuePosition, QueueStats
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +276,41 @@ class Session:
     @property
     def closed(self) -> bool:
         return self._s.closed
+
+    def switch(self, queues: Sequence[int], mode: Mode | str) -> dict[str, Any]:
+        """Switches running ``queues`` between passthrough and the shadow without losing,
+        duplicating or reordering an element (one device suspend for all of them; guest
+        memory is not remapped, so the cost does not grow with the guest's size). Returns
+        ``queues`` (each queue and its ring position at the switch) and ``suspended_s``.
+        Passthrough needs a session started with a passthrough queue (guest memory at
+        IOVA = guest address)."""
+        return self._s.switch(list(queues), Mode(mode).value)
+
+    def start_dirty_log(self) -> None:
+        """From now on, every guest page written on the device's behalf is logged (used
+        rings, received data, copied-back bytes; never svq's own injected elements).
+        Every queue must be shadowed: :meth:`switch` passthrough queues first."""
+        self._s.dirty_log(True)
+
+    def dirty_pages(self) -> list[int]:
+        """One dirty round: the guest page numbers (address // 4096) written since the
+        last call, cleared."""
+        return self._s.dirty_pages()
+
+    def stop_dirty_log(self) -> None:
+        self._s.dirty_log(False)
+
+    def stop_saving(self) -> list[QueuePosition]:
+        """Stops the session to hand its guest rings over to whoever serves them next
+        (another device, a VMM, passthrough): suspends the device, gives back to each
+        guest ring the chains the device never took (its avail index is rewound over
+        them), completes what the device took, and closes the session. Returns where
+        each served ring stands; start the next server of the ring at ``avail``."""
+        try:
+            return self._s.stop_saving()
+        finally:
+            if self._owns_device:
+                self.device.close()
 
     def close(self) -> None:
         """Stops, resets the device, unmaps everything and wakes every thread waiting on

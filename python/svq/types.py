@@ -130,6 +130,16 @@ class GuestRing(TypedDict):
     size: int
 
 
+class QueuePosition(TypedDict):
+    """Where a guest ring stands after :meth:`svq.Session.stop_saving`: the next avail
+    index to pop (what a VMM's GET_VRING_BASE returns) and the used index published
+    (equal: nothing is left in flight)."""
+
+    queue: int
+    avail: int
+    used: int
+
+
 class LiveResources(TypedDict):
     """What svq holds in the whole process (``svq.live_resources``): eventfds, worker
     threads, bounce buffers, and bytes kept because a device may still reach them."""

@@ -596,6 +596,59 @@ impl Session {
         self.with(py, |s| s.vring_base(q.0))
     }
 
+    /// Switches `queues` to `mode` while the device runs: dict(queues=[(q, position)],
+    /// suspended_s).
+    fn switch<'py>(&self, py: Python<'py>, queues: Vec<U32>, mode: &str) -> PyResult<Bound<'py, PyDict>> {
+        let mode = parse_mode(mode)?;
+        let queues: Vec<u32> = queues.into_iter().map(|q| q.0).collect();
+        let r = self.with(py, |s| s.switch(&queues, mode))?;
+        let d = PyDict::new(py);
+        d.set_item("queues", r.queues)?;
+        d.set_item("suspended_s", r.suspended.as_secs_f64())?;
+        Ok(d)
+    }
+
+    /// Attaches a dirty log of svq's own covering all of guest memory (or detaches it
+    /// with `on=False`).
+    fn dirty_log(&self, py: Python<'_>, on: bool) -> PyResult<()> {
+        self.with(py, |s| {
+            let log = if on { Some(Arc::new(crate::dirty::DirtyLog::new(s.guest_end())?)) } else { None };
+            s.set_dirty_log(log)
+        })
+    }
+
+    /// The guest pages written since the last call (one dirty round), and clears them.
+    fn dirty_pages(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
+        self.with(py, |s| match s.dirty_log() {
+            Some(log) => Ok(log.fetch_and_clear()),
+            None => Err(SessionError::Invalid("no dirty log is attached: call dirty_log(True) first".into())),
+        })
+    }
+
+    /// Stops the session to hand its guest rings over (see the Rust
+    /// `Session::stop_saving`): a list of dict(queue, avail, used), one per served queue.
+    fn stop_saving<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let positions = py
+            .detach(|| {
+                let mut g = lock(&self.inner);
+                let s = g.as_mut().ok_or(SessionError::Closed)?;
+                let r = s.stop_saving();
+                g.take();
+                r
+            })
+            .map_err(to_py)?;
+        positions
+            .into_iter()
+            .map(|p| {
+                let d = PyDict::new(py);
+                d.set_item("queue", p.queue)?;
+                d.set_item("avail", p.avail)?;
+                d.set_item("used", p.used)?;
+                Ok(d)
+            })
+            .collect()
+    }
+
     /// Stops the engine, resets the device, unmaps everything and wakes every waiter.
     /// Idempotent, and safe from any thread, a hook of this session's included.
     fn close(&self, py: Python<'_>) -> PyResult<()> {

@@ -242,6 +242,12 @@ impl RingReader {
         Ok(Some(head))
     }
 
+    /// Walks the chain at `head` again (one svq popped before and has in flight), handing
+    /// its segments to `sink` with every check of a pop; the avail ring is not touched.
+    pub fn walk_head<M: BufferSpace, S: ChainSink>(&self, mem: &M, head: u16, sink: &mut S) -> Result<(), ChainError> {
+        self.walk(mem, head, sink)
+    }
+
     /// Takes the next avail entry (moving past it), or None when the ring is empty.
     #[inline]
     fn next_head(&mut self) -> Result<Option<u16>, ChainError> {

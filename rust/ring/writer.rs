@@ -202,6 +202,12 @@ impl RingWriter {
         Ok(head)
     }
 
+    /// Whether chains were added since the last publish.
+    #[inline]
+    pub fn has_unpublished(&self) -> bool {
+        self.kicked_avail != self.avail_idx
+    }
+
     /// Publishes added chains and says whether the device wants a kick.
     pub fn publish(&mut self) -> bool {
         let old = self.kicked_avail;

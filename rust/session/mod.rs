@@ -15,6 +15,7 @@ mod negotiate;
 mod placement;
 mod restore;
 mod setup;
+mod switch;
 mod teardown;
 
 use std::sync::atomic::Ordering;
@@ -25,6 +26,7 @@ use nix::errno::Errno;
 
 pub use negotiate::guest_offer;
 pub use placement::CvqInfo;
+pub use switch::SwitchReport;
 
 use crate::bounce::Strategy;
 use crate::device::{Device, DeviceError};
@@ -201,8 +203,16 @@ pub struct Session {
     /// Guest memory and the guest's queues, as the front handed them over.
     guest_mem: Option<Arc<GuestMemory>>,
     guest_queues: Vec<GuestQueue>,
-    /// Host memory of the shadow rings.
-    ring_mem: Vec<GuestMemory>,
+    /// The shadow rings' memory and mappings.
+    ring_mem: Vec<ShadowRing>,
+    /// Where guest memory is mapped for the device (translate uses it).
+    regions: Vec<crate::shadow::RegionIova>,
+    /// Whether guest memory sits at IOVA = guest address (what passthrough needs).
+    identity: bool,
+    /// The dirty log, while one is attached.
+    log: Option<Arc<crate::dirty::DirtyLog>>,
+    /// Bounce buffers of queues that become copy mode later.
+    copy_strategy: Strategy,
     engine: Option<Engine>,
     stats: Vec<(u32, Arc<QueueStats>)>,
     cvq: Option<CvqInfo>,
@@ -241,6 +251,10 @@ impl Session {
             guest_mem: None,
             guest_queues: Vec::new(),
             ring_mem: Vec::new(),
+            regions: Vec::new(),
+            identity: false,
+            log: None,
+            copy_strategy: cfg.copy_strategy,
             engine: None,
             stats: Vec::new(),
             cvq: None,
@@ -495,6 +509,15 @@ impl Session {
             guest_queues: std::mem::take(&mut self.guest_queues),
         }
     }
+}
+
+/// A shadow ring: svq's memory the device reads, and the two mappings (read-only
+/// descriptors and avail, writable used) through which it does.
+#[derive(Debug)]
+pub(crate) struct ShadowRing {
+    pub(crate) queue: u32,
+    pub(crate) mem: GuestMemory,
+    pub(crate) iovas: [u64; 2],
 }
 
 /// Where a guest ring stands after its session stopped.

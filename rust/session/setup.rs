@@ -6,7 +6,7 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use super::placement::Plan;
-use super::{os, GuestSource, Mode, Session, SessionConfig, SessionError};
+use super::{os, GuestSource, Mode, Session, SessionConfig, SessionError, ShadowRing};
 use crate::bounce::{BouncePool, Strategy};
 use crate::dma::MapRequest;
 use crate::engine::Engine;
@@ -39,9 +39,9 @@ impl Session {
         if cfg.isolate_cvq {
             want_backend |= 1 << bf::IOTLB_ASID;
         }
-        if cfg.restore.is_some() {
-            want_backend |= 1 << bf::ENABLE_AFTER_DRIVER_OK;
-        }
+        // Queues enabled after DRIVER_OK: the data queues wait for a restore, and a live
+        // switch re-enables a queue on its new ring.
+        want_backend |= 1 << bf::ENABLE_AFTER_DRIVER_OK;
         let id = self.negotiate(cfg, offered_backend, want_backend, external.as_ref().map(|g| g.features))?;
         let max = dev.max_queue_size()?;
         let served: Vec<u32> = match &external {
@@ -167,6 +167,7 @@ impl Session {
             return Ok(Vec::new());
         }
         let at_gpa = plan.modes.iter().any(|(_, m)| *m == Mode::Passthrough);
+        self.identity = at_gpa;
         let reqs: Vec<MapRequest> = mem
             .regions()
             .iter()
@@ -179,14 +180,15 @@ impl Session {
             })
             .collect();
         let maps = self.dma.map(0, &reqs)?;
-        Ok(maps.iter().zip(mem.regions()).map(|(m, r)| RegionIova { gpa: r.gpa, size: r.size, iova: m.iova }).collect())
+        self.regions = maps.iter().zip(mem.regions()).map(|(m, r)| RegionIova { gpa: r.gpa, size: r.size, iova: m.iova }).collect();
+        Ok(self.regions.clone())
     }
 
     /// Builds the shadow ring of one queue: host memory mapped for the device (descriptors
     /// and avail read-only, used writable) in the queue's address space, eventfds bound,
     /// bounce buffers for copy mode, and the shadow queue itself.
     #[allow(clippy::too_many_arguments)]
-    fn shadow_queue(
+    pub(super) fn shadow_queue(
         &mut self,
         gq: &GuestQueue,
         size: u16,
@@ -204,8 +206,6 @@ impl Session {
         let ring_mem = GuestMemory::new(&[(0, ro_len + rw_len)])?;
         let shadow_ring = ring_mem.vring(layout, 0, layout.desc_bytes(), ro_len)?;
         let host = ring_mem.regions()[0].host_addr();
-        // Kept until the session's teardown decides the device cannot reach it any more.
-        self.ring_mem.push(ring_mem);
         let maps = self.dma.map(
             asid,
             &[
@@ -214,6 +214,8 @@ impl Session {
             ],
         )?;
         let (ro, rw) = (maps[0], maps[1]);
+        // Kept until the device provably cannot reach it any more.
+        self.ring_mem.push(ShadowRing { queue: gq.index, mem: ring_mem, iovas: [ro.iova, rw.iova] });
         let device_event_idx = crate::virtio::has(self.features, feature::RING_EVENT_IDX);
         let shadow = RingWriter::new(shadow_ring, 0, device_event_idx);
         dev.set_vring_num(gq.index, size)?;
@@ -245,6 +247,7 @@ impl Session {
             health: gq.health.clone(),
             bounce_space: Some(bounce_space),
             bounce,
+            used_gpa: gq.used,
         }))
     }
 }

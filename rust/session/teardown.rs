@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use super::claim::DeviceClaim;
-use super::{QueuePosition, SessionError};
+use super::{QueuePosition, SessionError, ShadowRing};
 use crate::device::Device;
 use crate::dma::Dma;
 use crate::front::driver::Driver;
@@ -21,7 +21,7 @@ pub(super) struct Teardown {
     pub(super) dma: Arc<Dma>,
     pub(super) claim: Option<DeviceClaim>,
     pub(super) queues: Vec<u32>,
-    pub(super) ring_mem: Vec<GuestMemory>,
+    pub(super) ring_mem: Vec<ShadowRing>,
     pub(super) driver: Option<Driver>,
     pub(super) guest_mem: Option<Arc<GuestMemory>>,
     pub(super) guest_queues: Vec<GuestQueue>,
@@ -79,7 +79,7 @@ impl Teardown {
             drop(self.guest_mem);
         } else {
             let bytes =
-                self.ring_mem.iter().map(GuestMemory::total_bytes).sum::<u64>() + self.guest_mem.as_ref().map_or(0, |m| m.total_bytes());
+                self.ring_mem.iter().map(|r| r.mem.total_bytes()).sum::<u64>() + self.guest_mem.as_ref().map_or(0, |m| m.total_bytes());
             crate::live::quarantine((self.ring_mem, self.guest_mem), bytes);
         }
         // Whoever waits on a guest queue wakes and finds the session closed.

@@ -57,6 +57,7 @@ impl ShadowQueue {
             }
             Verdict::Answer(bytes) => {
                 let n = self.scatter(&el.chain.inn, &bytes)?;
+                self.log_segments(&el.chain.inn, n as u64);
                 self.complete_guest(el.chain.head, n as u32);
                 bump(&self.stats.answered, 1);
             }

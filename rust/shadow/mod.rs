@@ -17,6 +17,7 @@ mod handover;
 mod hook;
 mod inflight;
 mod inject;
+mod log;
 mod stats;
 mod translate;
 
@@ -106,6 +107,10 @@ pub struct ShadowQueue {
     pub fds: ShadowFds,
     stats: Arc<QueueStats>,
     health: Arc<QueueHealth>,
+    /// The dirty log, while one is attached.
+    log: Option<Arc<crate::dirty::DirtyLog>>,
+    /// Guest address of the guest's used ring (logged whenever svq writes it).
+    used_gpa: u64,
 }
 
 /// Everything a shadow queue is built from.
@@ -133,6 +138,8 @@ pub struct ShadowParts {
     pub bounce_space: Option<BounceSpace>,
     /// A pool made up front (copy mode), or None to make one on first use.
     pub bounce: Option<BouncePool>,
+    /// Guest address of the guest's used ring.
+    pub used_gpa: u64,
 }
 
 impl ShadowQueue {
@@ -158,6 +165,8 @@ impl ShadowQueue {
             fds: p.fds,
             stats: p.stats,
             health: p.health,
+            log: None,
+            used_gpa: p.used_gpa,
         }
     }
 
@@ -345,8 +354,8 @@ impl ShadowQueue {
 
     /// One polling pass: reaps what the device completed and forwards what the guest
     /// published, with notifications from both left off (a polling engine comes back
-    /// soon; [`ShadowQueue::rearm`] turns them on before it sleeps). Whether anything
-    /// moved.
+    /// soon; [`ShadowQueue::rearm`] turns them on before it sleeps). What it forwarded
+    /// reaches the device at [`ShadowQueue::publish`]. Whether anything moved.
     pub fn poll(&mut self) -> bool {
         if self.is_broken() {
             return false;
@@ -364,18 +373,26 @@ impl ShadowQueue {
         let room = self.held.is_none() || self.shadow.num_free() > 0;
         if room && (self.guest.has_avail() || self.held.is_some() || !self.injected.is_empty()) {
             self.guest.disable_notify();
-            match self.forward_all() {
-                Ok(_) => self.kick_device(),
-                Err(fault) => {
-                    self.call_guest();
-                    self.fail(fault);
-                    return true;
-                }
+            if let Err(fault) = self.forward_all() {
+                self.call_guest();
+                self.fail(fault);
+                return true;
             }
             moved = true;
         }
         self.call_guest();
         moved
+    }
+
+    /// Makes what polling passes forwarded visible to the device, and kicks it if it
+    /// wants. A polling engine publishes every queue together after its passes, so that
+    /// chains the guest published on several queues reach the device in the order the
+    /// guest published them (a receive buffer posted before a frame is sent is on the
+    /// device's ring before the frame).
+    pub fn publish(&mut self) {
+        if !self.is_broken() && self.shadow.has_unpublished() {
+            self.kick_device();
+        }
     }
 
     /// Asks the guest for kicks and the device for calls again, then looks once more:
@@ -402,6 +419,7 @@ impl ShadowQueue {
             // The writer validated the id: it is a head in flight, which the table has.
             match self.in_flight.untrack(head) {
                 Some(Ok(guest_head)) => {
+                    self.log_chain(guest_head, len);
                     self.guest.push_used(guest_head, len);
                     completed += 1;
                     self.pushed = true;
@@ -424,8 +442,12 @@ impl ShadowQueue {
     fn complete(&mut self, f: InFlight, len: u32) -> Result<(), Fault> {
         let hooked = f.out_bytes.is_some() && !self.hooks.is_empty();
         let injected = matches!(f.origin, Origin::Injected(_));
-        if let (Some(b), Origin::Guest(_)) = (&f.in_buf, &f.origin) {
-            self.copy_back(b, &f.guest_in, len)?;
+        if let Origin::Guest(_) = &f.origin {
+            // Copied back by svq, or (translated) written by the device itself: logged.
+            if let Some(b) = &f.in_buf {
+                self.copy_back(b, &f.guest_in, len)?;
+            }
+            self.log_segments(&f.guest_in, u64::from(len));
         }
         // A private copy only for whoever reads it: hooks and injectors.
         let written: Vec<u8> = match &f.in_buf {
@@ -459,7 +481,9 @@ impl ShadowQueue {
         if !std::mem::take(&mut self.pushed) {
             return;
         }
-        if self.guest.publish_used() {
+        let notify = self.guest.publish_used();
+        self.log_used_ring();
+        if notify {
             self.fds.guest_call.signal();
             bump(&self.stats.guest_calls, 1);
         } else {

@@ -195,8 +195,10 @@ impl Server {
         Ok(())
     }
 
-    /// Serves one VMM until it disconnects, breaks the protocol, or the server stops.
-    fn serve_connection(&self, stream: UnixStream) {
+    /// Serves one VMM on an accepted stream until it disconnects, breaks the protocol, or
+    /// the server stops; then the device is stopped and reset. [`Server::serve`] calls it
+    /// for each connection; tests and fuzzing hand it one end of a socket pair.
+    pub fn serve_connection(&self, stream: UnixStream) {
         let sh = &self.shared;
         if stream.set_nonblocking(false).is_err() {
             return;

@@ -120,6 +120,12 @@ class SvqRuns:
                     ctl["stats"] = json.loads(p.stdout)
                 except ValueError as e:
                     ctl.update(error=f"`{shlex.join(argv)}` printed no JSON ({e}): {p.stdout[:2000]!r}")
+                    return
+                # What the server holds while the guest's 512 MiB are mapped.
+                argv = [*self.svq, "ctl", str(ctl_path(backend.sock)), "info", "--json"]
+                p = subprocess.run(argv, capture_output=True, text=True, timeout=CTL_TIMEOUT)
+                if p.returncode == 0:
+                    ctl["info"] = json.loads(p.stdout)
 
             out = vmlib.run_traffic(self.tier, f"svq-{mode}-stream",
                                     self.serve(f"sim:net,mac={vmlib.GUEST_MAC}", mode),
@@ -218,3 +224,16 @@ def test_stream_rate_vs_testpmd(svq_runs: SvqRuns, mode: str, tier: vmlib.Tier,
     assert ratio >= MIN_RATIO, (
         f"svq ({mode}) best {max(svq_fps)} frames/s of {svq_fps} is {ratio:.2f}x testpmd's "
         f"best {max(base_fps)} of {base_fps} (needs >= {MIN_RATIO}x)")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_guest_memory_is_mapped_not_copied(svq_runs: SvqRuns, mode: str) -> None:
+    """With the guest's 512 MiB mapped, svq serve's own (private) memory stays under
+    64 MiB, as `svq ctl info` reports it."""
+    out, ctl = svq_runs.stream(mode)
+    out.check()
+    info = ctl.get("info")
+    if not info:
+        raise out.fail(f"no `svq ctl info`: {ctl}")
+    assert info["guest_memory_bytes"] == 512 << 20, info
+    assert info["private_bytes"] < 64 << 20, info
