@@ -4,40 +4,71 @@
 //! own memory (orchestration code fetches and clears it per dirty round) or in memory a
 //! VMM shares with svq (vhost-user `SET_LOG_BASE`), which the VMM reads and clears.
 
-use std::os::fd::OwnedFd;
+use std::num::NonZeroUsize;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::mem::{FileRegion, GuestMemory, MemError, SharedSlice};
+use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
+
+use crate::mem::{seal_against_shrinking, GuestMemory, MemError, SharedSlice};
 use crate::virtio::PAGE_SIZE;
+
+/// Where a log's bytes live.
+#[derive(Debug)]
+enum Backing {
+    /// svq's own memory (held so that the bitmap stays mapped).
+    Own { _mem: GuestMemory },
+    /// A mapping of the VMM's log file: (mapping, its length).
+    File(NonNull<u8>, usize),
+}
 
 /// A dirty-page bitmap over guest-physical pages `[0, pages)`.
 #[derive(Debug)]
 pub struct DirtyLog {
-    /// The bitmap's memory (a mapping of svq's own memfd, or of the VMM's log file).
-    mem: GuestMemory,
+    backing: Backing,
     bytes: SharedSlice,
     pages: u64,
 }
+
+// SAFETY: the log's memory is owned by the log (its own memfd or its own mapping of the
+// VMM's file) and only accessed through atomics, from any thread.
+unsafe impl Send for DirtyLog {}
+// SAFETY: as above.
+unsafe impl Sync for DirtyLog {}
 
 impl DirtyLog {
     /// A zeroed log of svq's own covering guest addresses below `guest_end`.
     pub fn new(guest_end: u64) -> Result<Self, MemError> {
         let pages = guest_end.div_ceil(PAGE_SIZE);
         let size = pages.div_ceil(8).max(1).div_ceil(PAGE_SIZE) * PAGE_SIZE;
-        Self::over(GuestMemory::new(&[(0, size)])?, pages)
+        let mem = GuestMemory::new(&[(0, size)])?;
+        let bytes = mem.slice(0, pages.div_ceil(8).max(1))?;
+        Ok(DirtyLog { backing: Backing::Own { _mem: mem }, bytes, pages })
     }
 
-    /// The log a VMM shares: `size` bytes of `fd` from `offset` (mapped `MAP_SHARED`; the
-    /// file's size is checked and it is sealed against shrinking like guest memory).
+    /// The log a VMM shares: `size` bytes of `fd` from `offset`, mapped `MAP_SHARED`. The
+    /// file must hold them (checked now) and cannot shrink later (sealed, like guest
+    /// memory), so writing the log can never fault.
     pub fn from_file(fd: OwnedFd, size: u64, offset: u64) -> Result<Self, MemError> {
-        let mapped = size.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
-        let mem = GuestMemory::from_files(vec![FileRegion { gpa: 0, size: mapped, fd, offset }])?;
-        Self::over(mem, size.saturating_mul(8))
-    }
-
-    fn over(mem: GuestMemory, pages: u64) -> Result<Self, MemError> {
-        let bytes = mem.slice(0, pages.div_ceil(8))?;
-        Ok(DirtyLog { mem, bytes, pages })
+        let bad = |reason: String| MemError::File { gpa: 0, reason: format!("dirty log: {reason}") };
+        let len = usize::try_from(size).ok().and_then(NonZeroUsize::new).ok_or_else(|| bad(format!("size {size:#x}")))?;
+        let file_size = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|errno| MemError::Os { op: "fstat", errno })?.st_size as u64;
+        if offset.checked_add(size).is_none_or(|end| end > file_size) {
+            return Err(bad(format!("its file has {file_size:#x} bytes, fewer than offset {offset:#x} + size {size:#x}")));
+        }
+        seal_against_shrinking(&fd).map_err(bad)?;
+        let skew = (offset % PAGE_SIZE) as usize;
+        let map_len = len.saturating_add(skew);
+        let map_at = i64::try_from(offset - skew as u64).map_err(|_| bad(format!("offset {offset:#x}")))?;
+        // SAFETY: a fresh shared mapping of the VMM's log file; no existing memory is affected.
+        let map = unsafe { mmap(None, map_len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED, &fd, map_at) }
+            .map_err(|errno| MemError::Os { op: "mmap", errno })?
+            .cast::<u8>();
+        // SAFETY: the mapping holds `skew + size` bytes of the file, all inside it
+        // (checked above, and sealed so it stays so), for as long as the log lives.
+        let bytes = unsafe { SharedSlice::new(map.add(skew), size as usize) };
+        Ok(DirtyLog { backing: Backing::File(map, map_len.get()), bytes, pages: size.saturating_mul(8) })
     }
 
     /// Guest pages the log covers.
@@ -45,9 +76,9 @@ impl DirtyLog {
         self.pages
     }
 
-    /// Bytes of memory behind the log.
+    /// Bytes of the bitmap.
     pub fn size(&self) -> u64 {
-        self.mem.total_bytes()
+        self.bytes.len() as u64
     }
 
     #[inline]
@@ -99,6 +130,16 @@ impl DirtyLog {
     }
 }
 
+impl Drop for DirtyLog {
+    fn drop(&mut self) {
+        if let Backing::File(map, len) = self.backing {
+            // SAFETY: the mapping was made with exactly this length and nothing refers to
+            // it once the log is gone (queues hold the log in an Arc).
+            let _ = unsafe { munmap(map.cast(), len) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,10 +167,12 @@ mod tests {
     fn a_shared_log_file_is_the_vmms_bitmap() {
         use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
         let fd = memfd_create(c"log", MemFdCreateFlag::MFD_ALLOW_SEALING).unwrap();
-        nix::unistd::ftruncate(&fd, 16384).unwrap();
+        nix::unistd::ftruncate(&fd, 0x8200).unwrap();
         let probe = std::fs::File::from(fd.try_clone().unwrap());
-        let log = DirtyLog::from_file(fd, 16384, 0).unwrap();
-        assert_eq!(log.pages(), 16384 * 8);
+        assert!(DirtyLog::from_file(fd.try_clone().unwrap(), 0x8201, 0).is_err(), "larger than its file");
+        // Not a multiple of the page size, as a VMM sizes it for its memory.
+        let log = DirtyLog::from_file(fd, 0x8200, 0).unwrap();
+        assert_eq!(log.pages(), 0x8200 * 8);
         log.mark(5 * 4096, 4096);
         let mut b = [0u8; 1];
         std::os::unix::fs::FileExt::read_at(&probe, &mut b, 0).unwrap();

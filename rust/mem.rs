@@ -229,7 +229,7 @@ fn os(op: &'static str) -> impl Fn(Errno) -> MemError {
 
 /// Makes sure the file cannot shrink under the mapping (a shrunk file turns accesses into
 /// SIGBUS): already sealed, or sealed now when the file allows it.
-fn seal_against_shrinking(fd: &OwnedFd) -> Result<(), String> {
+pub(crate) fn seal_against_shrinking(fd: &OwnedFd) -> Result<(), String> {
     let seals = fcntl(fd.as_raw_fd(), FcntlArg::F_GET_SEALS).map_err(|e| format!("cannot read its seals ({e}): svq needs a memfd"))?;
     if SealFlag::from_bits_truncate(seals).contains(SealFlag::F_SEAL_SHRINK) {
         return Ok(());

@@ -18,6 +18,7 @@ from svq import net
 from tests.vmguest import VERSION_1, PyGuest
 from tests.vuclient import (
     GET_FEATURES,
+    LOG_ALL,
     P_MQ,
     P_REPLY_ACK,
     SET_VRING_CALL,
@@ -247,3 +248,60 @@ def test_a_vmm_cannot_shrink_guest_memory_under_svq(server: svq.VhostUserServer,
     assert e.value.errno == errno.EPERM
     loopback(guest, 20, 5)
     vmm.close()
+
+
+def log_pages(fd: int, size: int) -> set[int]:
+    bitmap = os.pread(fd, size, 0)
+    return {i * 8 + b for i, byte in enumerate(bitmap) for b in range(8) if byte >> b & 1}
+
+
+@pytest.mark.parametrize("cancel", [False, True], ids=["migrate", "cancel"])
+def test_a_migrating_vmm_gets_every_written_page_logged(tmp_path: Path, guest: PyGuest, cancel: bool) -> None:
+    """The VMM's live-migration sequence on a passthrough source: svq switches the rings
+    to the shadow when LOG_ALL comes, logs every page the device writes into the VMM's
+    bitmap, and hands the positions over; or, when the migration is cancelled, goes back
+    to passthrough and keeps running."""
+    with svq.VhostUserServer("sim:net", tmp_path / "src.sock", mode=svq.Mode.PASSTHROUGH) as src:
+        src.start()
+        vmm = VhostUserClient(str(src.path))
+        offer = vmm.handshake(VERSION_1)
+        assert offer & LOG_ALL, "svq offers VHOST_F_LOG_ALL"
+        vmm.attach(guest, VERSION_1)
+        wait_until(lambda: src.report()["running"])
+        loopback(guest, 50, 1)
+        assert [q["mode"] for q in src.report()["queues"]] == ["passthrough", "passthrough"]
+        # Migration starts: the VMM shares its log and asks for every write to be logged.
+        log_size = (guest.gpa + guest.size) // 4096 // 8
+        log_fd = os.memfd_create("vhost-log", os.MFD_ALLOW_SEALING)
+        os.ftruncate(log_fd, log_size)
+        vmm.set_log_base(log_fd, log_size)
+        vmm.request(2, struct.pack("<Q", VERSION_1 | (1 << 30) | LOG_ALL))
+        assert [q["mode"] for q in src.report()["queues"]] == ["translate", "translate"]
+        loopback(guest, 50, 2)
+        pages = log_pages(log_fd, log_size)
+        rx, tx = guest.rings
+        assert rx.used // 4096 in pages and tx.used // 4096 in pages, "both used rings are logged"
+        assert len(pages) > 2, "and the pages the received frames landed in"
+        if cancel:
+            vmm.request(2, struct.pack("<Q", VERSION_1 | (1 << 30)))
+            assert [q["mode"] for q in src.report()["queues"]] == ["passthrough", "passthrough"]
+            loopback(guest, 50, 3)
+            vmm.close()
+            os.close(log_fd)
+            return
+        vmm.set_status(0)
+        bases = (vmm.get_vring_base(0), vmm.get_vring_base(1))
+        assert bases == (100, 100)
+        vmm.close()
+        os.close(log_fd)
+    # The destination: another backend on another device, the rings from where they stand.
+    for r, base in zip(guest.rings, bases, strict=True):
+        r.base = base
+    with svq.VhostUserServer("sim:net", tmp_path / "dst.sock", mode=svq.Mode.PASSTHROUGH) as dst:
+        dst.start()
+        vmm = VhostUserClient(str(dst.path))
+        vmm.handshake(VERSION_1)
+        vmm.attach(guest, VERSION_1)
+        wait_until(lambda: dst.report()["running"])
+        loopback(guest, 50, 4)
+        vmm.close()

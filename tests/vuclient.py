@@ -17,7 +17,8 @@ SET_STATUS, GET_STATUS = 39, 40
 
 VERSION, REPLY, NEED_REPLY = 0x1, 0x4, 0x8
 PROTOCOL_FEATURES = 1 << 30
-P_MQ, P_REPLY_ACK, P_STATUS = 1 << 0, 1 << 3, 1 << 16
+P_MQ, P_LOG_SHMFD, P_REPLY_ACK, P_STATUS = 1 << 0, 1 << 1, 1 << 3, 1 << 16
+LOG_ALL = 1 << 26
 NO_FD = 0x100
 #: Where the fake VMM pretends guest memory sits in its own address space.
 VA_OFFSET = 0x7F00_0000_0000
@@ -82,7 +83,7 @@ class VhostUserClient:
         return int(struct.unpack("<Q", reply)[0])
 
     # ---- requests ----
-    def handshake(self, features: int, protocol: int = P_REPLY_ACK | P_STATUS | P_MQ) -> int:
+    def handshake(self, features: int, protocol: int = P_REPLY_ACK | P_STATUS | P_MQ | P_LOG_SHMFD) -> int:
         offer = self.u64(GET_FEATURES)
         self.request(SET_OWNER)
         if offer & PROTOCOL_FEATURES:
@@ -116,6 +117,10 @@ class VhostUserClient:
 
     def set_vring_enable(self, q: int, on: bool) -> None:
         self.request(SET_VRING_ENABLE, struct.pack("<II", q, int(on)))
+
+    def set_log_base(self, fd: int, size: int, offset: int = 0) -> None:
+        """Shares a dirty log (LOG_SHMFD): the backend always answers this one."""
+        self.request(SET_LOG_BASE, struct.pack("<QQ", size, offset), [fd], reply=True)
 
     def set_status(self, status: int) -> None:
         self.request(SET_STATUS, struct.pack("<Q", status))

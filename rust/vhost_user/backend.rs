@@ -20,6 +20,7 @@ use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 
 use crate::device::Device;
+use crate::dirty::DirtyLog;
 use crate::front::external::{ExternalGuest, ExternalMemory, ExternalQueue};
 use crate::mem::{FileRegion, GuestMemory};
 use crate::session::{guest_offer, Mode, QueuePosition, Session, SessionConfig};
@@ -43,10 +44,14 @@ const VMM_NET_FEATURES: u64 = (1 << net_feature::CTRL_VQ)
     | (1 << net_feature::CTRL_GUEST_OFFLOADS)
     | (1 << net_feature::MQ);
 
-/// vhost-user protocol features offered: MQ (GET_QUEUE_NUM), REPLY_ACK, and STATUS
-/// (GET/SET_STATUS, answered by [`super::intercept`]).
+/// vhost-user protocol features offered: MQ (GET_QUEUE_NUM), REPLY_ACK, STATUS
+/// (GET/SET_STATUS, answered by [`super::intercept`]) and LOG_SHMFD (the dirty log in a
+/// file the VMM shares, which live migration needs).
 pub(super) fn protocol_offer() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::STATUS
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::STATUS
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// One guest ring as the VMM configured it.
@@ -86,6 +91,8 @@ struct Connection {
     status: u8,
     mem: Option<MemTable>,
     queues: Vec<VuQueue>,
+    /// The VMM's dirty log (SET_LOG_BASE), written while it asks for LOG_ALL.
+    log: Option<Arc<DirtyLog>>,
 }
 
 /// The backend: the device, what is offered, and the current connection's state.
@@ -110,7 +117,9 @@ impl VuBackend {
     pub(super) fn new(device: Arc<dyn Device>, cfg: SessionConfig) -> std::result::Result<Self, crate::session::SessionError> {
         let device_id = device.device_id()?;
         let features = device.features()?;
-        let mut offer = guest_offer(device_id, features)? | (1 << feature::VHOST_USER_PROTOCOL_FEATURES);
+        // LOG_ALL: svq logs every guest page written on the device's behalf (switching a
+        // passthrough device to the shadow while the VMM wants the log).
+        let mut offer = guest_offer(device_id, features)? | (1 << feature::VHOST_USER_PROTOCOL_FEATURES) | (1 << feature::VHOST_LOG_ALL);
         if cfg.mode == Mode::Passthrough || cfg.queue_modes.iter().any(|(_, m)| *m == Mode::Passthrough) {
             // The device reads the guest's rings: only the ring formats it knows.
             let ring = (1 << feature::RING_EVENT_IDX) | (1 << feature::RING_INDIRECT_DESC);
@@ -258,6 +267,9 @@ impl VuBackend {
                 self.sessions_started += 1;
                 let at: Vec<String> = ready.iter().map(|&q| format!("{q}@{}", self.conn.queues[q as usize].base)).collect();
                 self.note(format!("device started (rings {})", at.join(" ")));
+                if self.log_all() {
+                    self.apply_logging()?;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -306,6 +318,43 @@ impl VuBackend {
         self.maybe_start().or_else(refuse)
     }
 
+    /// Whether the VMM wants every written page logged.
+    fn log_all(&self) -> bool {
+        has(self.conn.features, feature::VHOST_LOG_ALL)
+    }
+
+    /// Brings the running device in line with LOG_ALL: while the VMM wants the log, every
+    /// queue is shadowed (a passthrough queue switches live, as a hypervisor does with a
+    /// vDPA NIC it migrates) and logs into the VMM's bitmap; once it stops wanting it
+    /// (the migration ended or was cancelled), the log is detached and the queues go
+    /// back to the modes they were served in.
+    fn apply_logging(&mut self) -> std::result::Result<(), String> {
+        let log_all = self.log_all();
+        let log = self.conn.log.clone();
+        let Some(served) = self.session.as_ref().map(|s| s.modes().to_vec()) else { return Ok(()) };
+        let configured: Vec<Mode> = served.iter().map(|(q, _)| self.mode_of(*q)).collect();
+        let Some(s) = self.session.as_mut() else { return Ok(()) };
+        if log_all {
+            let pass: Vec<u32> = served.iter().filter(|(_, m)| *m == Mode::Passthrough).map(|(q, _)| *q).collect();
+            if !pass.is_empty() {
+                s.switch(&pass, Mode::Translate).map_err(|e| format!("switching to the shadow for LOG_ALL: {e}"))?;
+            }
+            s.set_dirty_log(log).map_err(|e| format!("attaching the dirty log: {e}"))?;
+        } else if s.dirty_log().is_some() {
+            s.set_dirty_log(None).map_err(|e| format!("detaching the dirty log: {e}"))?;
+            let back: Vec<u32> = served
+                .iter()
+                .zip(&configured)
+                .filter(|((_, now), configured)| *now != Mode::Passthrough && **configured == Mode::Passthrough)
+                .map(|((q, _), _)| *q)
+                .collect();
+            if !back.is_empty() {
+                s.switch(&back, Mode::Passthrough).map_err(|e| format!("switching back to passthrough: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
     fn mode_of(&self, q: u32) -> Mode {
         self.cfg.queue_modes.iter().find(|(i, _)| *i == q).map_or(self.cfg.mode, |(_, m)| *m)
     }
@@ -340,11 +389,15 @@ impl VhostUserBackendReqHandlerMut for VuBackend {
         if extra != 0 {
             return refuse(format!("features {extra:#x} were not offered"));
         }
-        if self.running() && features != self.conn.features {
-            return refuse("features cannot change while the device runs");
+        let log_all = 1u64 << feature::VHOST_LOG_ALL;
+        if self.running() && (features ^ self.conn.features) & !log_all != 0 {
+            return refuse("only LOG_ALL may change while the device runs");
+        }
+        if features & log_all != 0 && self.conn.log.is_none() {
+            return refuse("LOG_ALL without a dirty log (SET_LOG_BASE first)");
         }
         self.conn.features = features;
-        Ok(())
+        self.apply_logging().or_else(refuse)
     }
 
     fn set_mem_table(
@@ -409,7 +462,13 @@ impl VhostUserBackendReqHandlerMut for VuBackend {
                 return refuse(format!("queue {index}: {part} at {va:#x} is outside the memory table"));
             }
         }
-        self.queue(index)?.addr = Some((descriptor, available, used));
+        let q = self.queue(index)?;
+        if q.addr == Some((descriptor, available, used)) {
+            // The same ring (a VMM sets the LOG flag this way when migration starts): the
+            // used ring is logged by its guest address already.
+            return Ok(());
+        }
+        q.addr = Some((descriptor, available, used));
         self.reconfigured()
     }
 
@@ -532,8 +591,15 @@ impl VhostUserBackendReqHandlerMut for VuBackend {
         refuse("SHMEM is not offered")
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> Result<()> {
-        refuse("LOG_SHMFD is not offered")
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> Result<()> {
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        let log = match DirtyLog::from_file(OwnedFd::from(file), size, offset) {
+            Ok(l) => Arc::new(l),
+            Err(e) => return refuse(format!("dirty log: {e}")),
+        };
+        // A new log replaces the old one (a VMM resizes it this way).
+        self.conn.log = Some(log);
+        self.apply_logging().or_else(refuse)
     }
 
     fn set_backend_req_fd(&mut self, _backend: Backend) {}
