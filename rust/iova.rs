@@ -245,10 +245,18 @@ impl RevIndex {
 }
 
 /// Allocator of page-granular mappings in an inclusive IOVA range.
+///
+/// Page 0 is never allocated (an IOVA of 0 reads as a null address to many devices), but
+/// when the device's range starts at 0 a fixed placement ([`IovaAllocator::insert`]) may
+/// take it: a VMM's guest memory starts at guest address 0, and passthrough maps it at
+/// IOVA = guest address.
 #[derive(Debug)]
 pub struct IovaAllocator {
     first: u64,
     last: u64,
+    /// Whether page 0 is in the device's range (for fixed placements only; it is never
+    /// in `holes`).
+    page_zero: bool,
     mappings: BTreeMap<u64, Mapping>,
     holes: Holes,
     host: RevIndex,
@@ -274,13 +282,32 @@ impl IovaAllocator {
         let mut holes = Holes::default();
         // lo >= PAGE_SIZE, so the length is at most 2^64 - PAGE_SIZE.
         holes.add(lo, hi - lo + 1);
-        Ok(Self { first: lo, last: hi, mappings: BTreeMap::new(), holes, host: RevIndex::default(), guest: RevIndex::default(), mapped: 0 })
+        Ok(Self {
+            first: lo,
+            last: hi,
+            page_zero: first == 0,
+            mappings: BTreeMap::new(),
+            holes,
+            host: RevIndex::default(),
+            guest: RevIndex::default(),
+            mapped: 0,
+        })
     }
 
     /// Usable inclusive range: page-aligned start (never page 0) and an end
     /// that is the last byte of a whole page.
     pub fn range(&self) -> (u64, u64) {
         (self.first, self.last)
+    }
+
+    /// The lowest IOVA a fixed placement may take: 0 when the device's range starts
+    /// there, else the start of [`IovaAllocator::range`].
+    pub fn lowest_fixed(&self) -> u64 {
+        if self.page_zero {
+            0
+        } else {
+            self.first
+        }
     }
 
     /// Places a mapping of `size` bytes (rounded up to pages) at a free
@@ -312,12 +339,12 @@ impl IovaAllocator {
         if iova & PAGE_MASK != 0 {
             return Err(IovaError::Misaligned { iova });
         }
-        let out_of_range = IovaError::OutOfRange { iova, size, first: self.first, last: self.last };
+        let out_of_range = IovaError::OutOfRange { iova, size, first: self.lowest_fixed(), last: self.last };
         let Some(size) = round_up_page(size) else {
             return Err(out_of_range);
         };
         let last = match iova.checked_add(size - 1) {
-            Some(last) if iova >= self.first && last <= self.last => last,
+            Some(last) if iova >= self.lowest_fixed() && last <= self.last => last,
             _ => return Err(out_of_range),
         };
         check_addr_range(host_addr, size)?;
@@ -332,15 +359,19 @@ impl IovaAllocator {
                 return Err(IovaError::Overlap { iova, size, existing: m.iova });
             }
         }
-        let (hs, hl) = self.holes.containing(iova).expect("in-range IOVA not covered by a mapping must be in a hole");
-        let hole_last = hs + (hl - 1);
-        debug_assert!(hole_last >= last);
-        self.holes.take(hs);
-        if iova > hs {
-            self.holes.add(hs, iova - hs);
-        }
-        if hole_last > last {
-            self.holes.add(last + 1, hole_last - last);
+        // Page 0 is outside the holes: only what lies above it comes out of one.
+        let from = iova.max(PAGE_SIZE);
+        if from <= last {
+            let (hs, hl) = self.holes.containing(from).expect("in-range IOVA not covered by a mapping must be in a hole");
+            let hole_last = hs + (hl - 1);
+            debug_assert!(hole_last >= last);
+            self.holes.take(hs);
+            if from > hs {
+                self.holes.add(hs, from - hs);
+            }
+            if hole_last > last {
+                self.holes.add(last + 1, hole_last - last);
+            }
         }
         Ok(self.commit(Mapping { iova, size, host_addr, guest_addr, perm }))
     }
@@ -362,7 +393,11 @@ impl IovaAllocator {
         if let Some(g) = m.guest_addr {
             self.guest.remove(g, m.size, m.iova);
         }
-        self.holes.free(m.iova, m.size);
+        // Page 0 never goes back to the holes (it is never allocated).
+        let from = m.iova.max(PAGE_SIZE);
+        if from <= m.last_iova() {
+            self.holes.free(from, m.last_iova() - from + 1);
+        }
         self.mapped -= m.size;
         Ok(m)
     }
@@ -434,11 +469,28 @@ mod tests {
         let m = a.alloc(1, 0x1000, None, RW).unwrap();
         assert_eq!(m.iova, P);
         assert_eq!(m.size, P);
-        assert_eq!(a.insert(0, P, 0, None, RW), Err(IovaError::OutOfRange { iova: 0, size: P, first: P, last: 16 * P - 1 }));
         assert!(a.find(0).is_none());
         assert!(a.find(P - 1).is_none());
+        // A range starting above 0 refuses page 0 even for a fixed placement.
+        let mut above = IovaAllocator::new(P, 16 * P - 1).unwrap();
+        assert_eq!(above.insert(0, P, 0, None, RW), Err(IovaError::OutOfRange { iova: 0, size: P, first: P, last: 16 * P - 1 }));
         // A range that only holds page 0 is empty.
         assert_eq!(IovaAllocator::new(0, P - 1).err(), Some(IovaError::EmptyRange { first: 0, last: P - 1 }));
+    }
+
+    #[test]
+    fn a_fixed_placement_may_take_page_zero_when_the_device_range_starts_there() {
+        let mut a = IovaAllocator::new(0, 16 * P - 1).unwrap();
+        // Guest memory at guest address 0, placed at IOVA = guest address.
+        let m = a.insert(0, 3 * P, 0x7000_0000, Some(0), RW).unwrap();
+        assert_eq!((a.find(0), a.find(3 * P - 1)), (Some(&m), Some(&m)));
+        assert_eq!(a.iova_of_guest(5), Some(5));
+        assert!(matches!(a.insert(0, P, 0, None, RW), Err(IovaError::Overlap { existing: 0, .. })));
+        assert_eq!(a.alloc(P, 0, None, RW).unwrap().iova, 3 * P, "allocation goes above it");
+        assert_eq!(a.remove(0), Ok(m));
+        // Page 0 is free again for a fixed placement, never for an allocation.
+        assert_eq!(a.alloc(P, 0, None, RW).unwrap().iova, P);
+        assert_eq!(a.insert(0, P, 0, None, RW).unwrap().iova, 0);
     }
 
     #[test]
@@ -719,7 +771,7 @@ mod tests {
             assert!(w[0].last_iova() < w[1].iova, "overlap {w:?}");
         }
         for m in &ms {
-            assert!(m.iova >= first && m.last_iova() <= last && m.iova >= P);
+            assert!(m.iova >= a.lowest_fixed() && m.last_iova() <= last);
             assert_eq!(m.iova % P, 0);
         }
         // Probe page edges and interior bytes around and inside the range.
@@ -732,9 +784,11 @@ mod tests {
             }
             probe = p.checked_add(P);
         }
-        // Holes and mappings together tile the usable range exactly.
+        // Holes and mappings together tile the usable range exactly (plus page 0 when a
+        // fixed placement took it).
         let hole_bytes: u128 = a.holes.by_start.values().map(|&l| l as u128).sum();
-        assert_eq!(hole_bytes + a.mapped_bytes() as u128, last as u128 - first as u128 + 1);
+        let page_zero = if a.find(0).is_some() { P as u128 } else { 0 };
+        assert_eq!(hole_bytes + a.mapped_bytes() as u128, last as u128 - first as u128 + 1 + page_zero);
         assert_eq!(a.holes.by_start.len(), a.holes.by_len.len());
         for q in (0..70 * P).step_by(509) {
             let hosts = model_lookup(live, q, |m| Some(m.host_addr));
@@ -774,7 +828,9 @@ mod tests {
                     let size = pages * P;
                     let r = a.insert(iova, size, host, guest, Perm::WriteOnly);
                     let end = iova.checked_add(size - 1);
-                    let Some(end) = end.filter(|&e| iova >= uf && e <= ul) else {
+                    // Page 0 is taken by a fixed placement only on a range starting at 0.
+                    let low = if first == 0 { 0 } else { uf };
+                    let Some(end) = end.filter(|&e| iova >= low && e <= ul) else {
                         assert!(matches!(r, Err(IovaError::OutOfRange { .. })), "{r:?}");
                         continue;
                     };

@@ -28,6 +28,7 @@ pub mod front;
 pub mod iova;
 pub mod live;
 pub mod mem;
+pub mod migrate;
 pub mod net;
 #[cfg(feature = "python")]
 mod py;

@@ -293,7 +293,7 @@ impl Command {
 /// The control-plane state of a virtio-net device, as far as the control queue sets it.
 /// `Default` is the state a device starts in after reset (the one vdpa_sim_net and the
 /// embedded device filter with): promiscuous off, all multicast accepted.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetState {
     /// Primary MAC set through the control queue (None: the config-space MAC).
     pub mac: Option<[u8; 6]>,

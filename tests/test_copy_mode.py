@@ -167,7 +167,8 @@ def test_stop_with_elements_in_flight_returns_them_and_leaks_nothing() -> None:
         s.driver.post_receive(net.RX, 16, 2048)
         s.driver.send(net.TX, [net.frame(MAC, b"x" * 100)] * 8)
         deadline = time.monotonic() + 5
-        while s.stats(net.RX)["elements"] < 16 and time.monotonic() < deadline:
+        # The engine takes the two queues in its own order: wait for both.
+        while time.monotonic() < deadline and (s.stats(net.RX)["elements"] < 16 or s.stats(net.TX)["elements"] < 8):
             time.sleep(0.01)
         assert svq.live_resources()["bounce_buffers"] == 16 + 8
         s.close()

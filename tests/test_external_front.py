@@ -56,6 +56,26 @@ def test_an_external_guest_loops_frames_back_intact(guest: PyGuest, mode: svq.Mo
         assert dev.live_mappings() == 0
 
 
+@pytest.mark.parametrize("mode", DATA_MODES, ids=lambda m: m.value)
+def test_guest_memory_at_address_zero_is_served(mode: svq.Mode) -> None:
+    # A VMM's guest memory starts at guest address 0 (its rings may sit anywhere in it);
+    # passthrough then maps it at IOVA 0, which svq's own allocations never take.
+    g = PyGuest(gpa=0)
+    try:
+        g.ring(0)
+        g.ring(1)
+        with svq.Session("sim:net", mode=mode, guest=g.external(VERSION_1)) as s:
+            frames = [net.frame(net.BROADCAST, bytes([i]) * 60) for i in range(32)]
+            assert loopback(g, s, frames) == frames
+            at_zero = [m for m in s.mappings() if m["iova"] == 0]
+            if mode is svq.Mode.PASSTHROUGH:
+                assert [m["guest_addr"] for m in at_zero] == [0]
+            else:
+                assert at_zero == [], "nothing svq places itself lands on IOVA 0"
+    finally:
+        g.close()
+
+
 def test_a_ring_that_ran_before_continues_from_its_base(guest: PyGuest) -> None:
     guest.ring(0, base=65530)  # the indices wrap past 65535 within the first batch
     guest.ring(1, base=65500)

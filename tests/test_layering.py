@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"ring"},
     {"mem", "iova", "eventfd", "live", "net", "dirty"},
     {"device"},
-    {"fault"},
+    {"fault", "migrate"},
     {"dma"},
     {"bounce"},
     {"shadow"},

@@ -57,7 +57,7 @@ def test_a_session_closed_from_inside_its_own_hook_tears_down_safely(how: str) -
             s.add_hook(net.TX, used=lambda out, written, s=s: None)
             holder.clear()
         s.add_hook(net.CTRL, avail=avail)
-        native = s._s
+        native = s.driver._s
         native.submit(net.CTRL, [net.mac_addr_set(b"\x02\x00\x00\x00\x00\x09")], [1])
         del s, native
         go.set()

@@ -11,6 +11,7 @@ The hot path is Rust; this package chooses modes and orchestrates devices.
 ...     s.driver.send(svq.net.TX, [svq.net.frame(svq.net.BROADCAST, b"hi")])
 ...     [(_, _, data)] = s.driver.wait(svq.net.RX, 1)
 ...     data.endswith(b"hi")
+[0]
 True
 """
 
@@ -28,13 +29,14 @@ from ._native import (
     QueueBrokenError,
     RestoreError,
     SessionClosedError,
+    StateError,
     SvqError,
     live_resources,
 )
 from .device import Device, open_device
 from .front import ExternalGuest, GuestQueue, MemoryRegion
 from .serve import ControlSocket, VhostUserServer
-from .session import CopyStrategy, Driver, Mode, Session
+from .session import CopyStrategy, Driver, Mode, SavedState, Session
 
 __all__ = [
     "FAULT_RULES",
@@ -56,8 +58,10 @@ __all__ = [
     "NegotiationError",
     "QueueBrokenError",
     "RestoreError",
+    "SavedState",
     "Session",
     "SessionClosedError",
+    "StateError",
     "SvqError",
     "VhostUserServer",
     "live_resources",

@@ -12,7 +12,7 @@ from typing import Any
 from . import _native
 from .device import Device
 from .front import ExternalGuest
-from .types import CvqInfo, GuestRing, MappingInfo, NetState, QueueFault, QueuePosition, QueueStats
+from .types import CvqInfo, DeviceState, GuestRing, MappingInfo, NetState, QueueFault, QueuePosition, QueueStats
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class Driver:
     """The in-process guest: posts buffers on its rings in guest memory, kicks, and
     reaps completions. Every method is a batch: one call moves many buffers."""
 
-    def __init__(self, native: _native.Session) -> None:
+    def __init__(self, native: _native.Driver) -> None:
         self._s = native
 
     def send(self, queue: int, buffers: Sequence[bytes], segments: int = 1, indirect: bool = False) -> list[int]:
@@ -111,6 +111,57 @@ class Driver:
         return self._s.live_guest_buffers()
 
 
+class SavedState:
+    """A stopped session's device state (:meth:`Session.save`), to resume on another
+    device with ``Session(device, resume=state)``. It carries svq's own guest when the
+    session played it; :meth:`to_json` gives the state alone (versioned JSON) for an
+    external guest's migration between processes.
+
+    >>> import svq
+    >>> with svq.Session("sim:net") as s:
+    ...     s.driver.post_receive(svq.net.RX, 4, 2048)
+    ...     saved = s.save()
+    >>> with svq.Session("sim:net", resume=saved) as s2:
+    ...     s2.driver.send(svq.net.TX, [svq.net.frame(svq.net.BROADCAST, b"moved")])
+    ...     [(_, _, data)] = s2.driver.wait(svq.net.RX, 1)
+    ...     data.endswith(b"moved")
+    [0]
+    True
+    """
+
+    def __init__(self, native: _native.SavedState) -> None:
+        self._native = native
+
+    @classmethod
+    def from_json(cls, data: bytes) -> SavedState:
+        """A state written by :meth:`to_json`; raises :class:`svq.StateError` for one that
+        is malformed or of another version."""
+        return cls(_native.SavedState.from_json(data))
+
+    def to_json(self) -> bytes:
+        """The state as versioned JSON (without svq's own guest, whose memory stays in
+        this process)."""
+        return self._native.to_json()
+
+    @property
+    def state(self) -> DeviceState:
+        """The state: ``version``, ``device_id``, ``features`` the guest's driver
+        negotiated, each queue's ``avail``/``used`` positions and ``inflight`` heads, and
+        the ``net`` control-plane state."""
+        return self._native.state()
+
+    @property
+    def carries_guest(self) -> bool:
+        """Whether it holds svq's own guest (until a session resumes it)."""
+        return self._native.carries_guest
+
+    def __repr__(self) -> str:
+        st = self.state
+        queues = ", ".join(f"{q['index']}@{q['avail']}" for q in st["queues"])
+        guest = ", with its guest" if self.carries_guest else ""
+        return f"SavedState(device_id={st['device_id']}, queues=[{queues}]{guest})"
+
+
 class Session:
     """A device set up with each queue in a :class:`Mode`; a context manager.
 
@@ -130,7 +181,14 @@ class Session:
 
     ``guest``: a guest svq does not own (:class:`svq.ExternalGuest`): only its queues
     are served, in the format its driver negotiated, and ``driver`` is not available
-    (``memory``, ``queue_size``, ``indirect`` do not apply)."""
+    (``memory``, ``queue_size``, ``indirect`` do not apply).
+
+    ``resume``: a :class:`SavedState` from :meth:`save` to continue from on this device:
+    the rings start where they stood, requests the old device held are submitted again
+    and the virtio-net state is replayed before the data queues start. A state that
+    carries svq's own guest moves that guest here (its driver becomes this session's
+    ``driver``); a state of an external guest is resumed with that ``guest``. When the
+    session cannot start, the guest stays in the state, ready for another device."""
 
     def __init__(
         self,
@@ -149,6 +207,7 @@ class Session:
         restore_timeout: float = 10.0,
         busy_poll: float = 200e-6,
         guest: ExternalGuest | None = None,
+        resume: SavedState | None = None,
     ) -> None:
         # Arguments first: nothing is opened for a call that cannot succeed.
         self.mode = Mode(mode)
@@ -172,13 +231,21 @@ class Session:
                 restore_timeout=restore_timeout,
                 busy_poll=busy_poll,
                 external=guest.to_native() if guest is not None else None,
+                resume=resume._native if resume is not None else None,
             )
         except BaseException:
             if self._owns_device:
                 self.device.close()
             raise
-        self.driver = Driver(self._s)
+        self._driver = Driver(self._s.driver()) if guest is None else None
         log.info("session on %s: queue modes %s", self.device.spec, self._s.modes())
+
+    @property
+    def driver(self) -> Driver:
+        """The in-process guest's driver (a session serving an external guest has none)."""
+        if self._driver is None:
+            raise ValueError("this session serves an external guest: it has no in-process driver")
+        return self._driver
 
     @property
     def num_queues(self) -> int:
@@ -308,6 +375,19 @@ class Session:
         each served ring stands; start the next server of the ring at ``avail``."""
         try:
             return self._s.stop_saving()
+        finally:
+            if self._owns_device:
+                self.device.close()
+
+    def save(self) -> SavedState:
+        """Stops the session for a migration and returns its device state: the device is
+        suspended, chains it never took are given back to the guest rings, requests it
+        took and did not complete (a device that completes out of order) are recorded to
+        be submitted again, and the tracked virtio-net state is kept. The session is
+        closed afterwards, even when saving fails. Needs a device that can SUSPEND; on a
+        device that completes out of order every queue must be shadowed."""
+        try:
+            return SavedState(self._s.save())
         finally:
             if self._owns_device:
                 self.device.close()

@@ -140,6 +140,35 @@ class QueuePosition(TypedDict):
     used: int
 
 
+class SavedQueue(TypedDict):
+    """Where one guest ring stood when its session was saved: the next avail index to
+    pop, the used index published, and the heads of the chains the device held (a
+    device that completes out of order): the next session submits those again."""
+
+    index: int
+    size: int
+    avail: int
+    used: int
+    inflight: list[int]
+
+
+class DeviceState(TypedDict):
+    """A saved session's device state (``SavedState.state``).
+
+    >>> import svq
+    >>> s = svq.Session("sim:blk")
+    >>> saved = s.save()
+    >>> [(q["index"], q["avail"], q["inflight"]) for q in saved.state["queues"]]
+    [(0, 0, [])]
+    """
+
+    version: int
+    device_id: int
+    features: int
+    queues: list[SavedQueue]
+    net: NetState | None
+
+
 class LiveResources(TypedDict):
     """What svq holds in the whole process (``svq.live_resources``): eventfds, worker
     threads, bounce buffers, and bytes kept because a device may still reach them."""

@@ -127,6 +127,7 @@ impl Driver {
                 avail: m.iova + a,
                 used: m.iova + u,
                 base: 0,
+                used_base: 0,
                 kick: Arc::new(EventFd::new().map_err(|e| MemError::Os { op: "eventfd", errno: e })?),
                 call: Arc::new(EventFd::new().map_err(|e| MemError::Os { op: "eventfd", errno: e })?),
                 event_idx,

@@ -101,6 +101,7 @@ impl ExternalGuest {
                 avail: q.avail,
                 used: q.used,
                 base: q.base,
+                used_base: q.base,
                 kick: Arc::new(kick),
                 call: Arc::new(call),
                 event_idx,

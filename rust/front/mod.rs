@@ -41,9 +41,11 @@ pub struct GuestQueue {
     pub avail: u64,
     /// Guest address of the used ring.
     pub used: u64,
-    /// The avail index the guest's next chain will have (its used index is the same: the
-    /// ring starts with nothing in flight).
+    /// The avail index of the next chain to pop.
     pub base: u16,
+    /// The used index the guest saw last: `base` for a ring with nothing in flight, less
+    /// for one handed over with chains in flight (submitted again by the session).
+    pub used_base: u16,
     /// The guest kicks this.
     pub kick: Arc<EventFd>,
     /// The guest is called through this.

@@ -72,7 +72,9 @@ impl Device {
     /// device name such as "vdpa0". The embedded net device takes options:
     /// "sim:net,mac=52:54:00:12:34:56,mtu=1500", and "echo=10.0.0.2[,echo_mac=M]" to play a
     /// peer host answering ARP and ping at that address instead of looping frames back;
-    /// blk takes "sim:blk,sectors=N".
+    /// blk takes "sim:blk,sectors=N,disk=NAME,latency_us=N": devices naming the same disk
+    /// share its data (as hosts share storage, for a migration between them), and with a
+    /// latency requests complete out of order, each that long after it was taken.
     #[new]
     #[pyo3(signature = (spec))]
     fn new(py: Python<'_>, spec: String) -> PyResult<Self> {
@@ -84,6 +86,8 @@ impl Device {
             let mut sectors = 262_144u64;
             let mut echo_ip: Option<[u8; 4]> = None;
             let mut echo_mac = crate::device::sim::echo::DEFAULT_MAC;
+            let mut disk_name: Option<String> = None;
+            let mut latency = std::time::Duration::ZERO;
             for opt in parts {
                 let (k, v) = opt.split_once('=').ok_or_else(|| PyValueError::new_err(format!("bad option {opt:?} in {spec:?}")))?;
                 let num = |v: &str| v.parse::<u64>().map_err(|_| PyValueError::new_err(format!("bad number {v:?} in {spec:?}")));
@@ -97,6 +101,8 @@ impl Device {
                     ("net", "echo_mac") => echo_mac = parse_mac(v)?,
                     ("net", "mtu") => mtu = u16::try_from(num(v)?).map_err(|_| PyValueError::new_err("mtu must fit 16 bits"))?,
                     ("blk", "sectors") if num(v)? > 0 && num(v)? <= (1 << 24) => sectors = num(v)?,
+                    ("blk", "disk") if !v.is_empty() => disk_name = Some(v.to_owned()),
+                    ("blk", "latency_us") if num(v)? <= 10_000_000 => latency = std::time::Duration::from_micros(num(v)?),
                     _ => return Err(PyValueError::new_err(format!("unknown or invalid option {opt:?} for sim:{kind}"))),
                 }
             }
@@ -105,7 +111,13 @@ impl Device {
                     Some(ip) => py.detach(|| SimDevice::net_echo(mac, mtu, crate::device::sim::echo::Echo { ip, mac: echo_mac })),
                     None => py.detach(|| SimDevice::net(mac, mtu)),
                 },
-                "blk" => py.detach(|| SimDevice::blk(sectors)),
+                "blk" => {
+                    let disk = match &disk_name {
+                        Some(name) => crate::device::sim::blk::Disk::named(name, sectors),
+                        None => crate::device::sim::blk::Disk::new(sectors),
+                    };
+                    py.detach(|| SimDevice::blk_on(disk, latency))
+                }
                 _ => return Err(PyValueError::new_err(format!("unknown embedded device {spec:?}: use sim:net or sim:blk"))),
             }
             .map_err(device_err)?;

@@ -30,6 +30,7 @@ create_exception!(svq, DeviceNeedsResetError, QueueBrokenError, "The device ente
 create_exception!(svq, ElementTooLargeError, QueueBrokenError, "An element can never fit the shadow ring.");
 create_exception!(svq, InjectError, SvqError, "An injected element failed (the queue broke or stopped, or a map failed).");
 create_exception!(svq, RestoreError, SvqError, "A command restoring a saved state was refused or failed.");
+create_exception!(svq, StateError, SvqError, "A saved device state is malformed, of another version, or does not fit the device or guest.");
 
 /// Sets the typed fault's attributes on an exception.
 fn with_fault(e: PyErr, f: &QueueFault) -> PyErr {
@@ -81,6 +82,7 @@ pub(super) fn to_py(e: SessionError) -> PyErr {
         e @ SessionError::Timeout { .. } => PyTimeoutError::new_err(e.to_string()),
         SessionError::Injected(e) => inject_err(e),
         e @ SessionError::Restore { .. } => RestoreError::new_err(e.to_string()),
+        e @ SessionError::State(_) => StateError::new_err(e.to_string()),
         SessionError::Mem(e) => mem_err(e),
         SessionError::Front(FrontError::Mem(e)) => mem_err(e),
         e @ SessionError::Front(FrontError::Queue { .. }) => PyValueError::new_err(e.to_string()),
@@ -141,6 +143,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ElementTooLargeError", py.get_type::<ElementTooLargeError>())?;
     m.add("InjectError", py.get_type::<InjectError>())?;
     m.add("RestoreError", py.get_type::<RestoreError>())?;
+    m.add("StateError", py.get_type::<StateError>())?;
     m.add("FAULT_RULES", crate::fault::Fault::RULES.to_vec())?;
     Ok(())
 }

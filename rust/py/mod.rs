@@ -11,9 +11,11 @@ use crate::live;
 
 mod args;
 mod device;
+mod driver;
 mod errors;
 mod serve;
 mod session;
+mod state;
 
 /// Locks, taking the state even if a panic elsewhere poisoned the mutex.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -43,6 +45,8 @@ fn fail_eventfd_at(n: args::U64) {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<device::Device>()?;
     m.add_class::<session::Session>()?;
+    m.add_class::<driver::Driver>()?;
+    m.add_class::<state::SavedState>()?;
     m.add_class::<serve::VhostUserServer>()?;
     m.add_function(wrap_pyfunction!(live_resources, m)?)?;
     m.add_function(wrap_pyfunction!(fail_eventfd_at, m)?)?;

@@ -10,15 +10,17 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use pyo3::PyTraverseError;
 
-use super::args::{timeout, wait_interruptibly, Usize, U16, U32, U64};
+use super::args::{timeout, wait_interruptibly, U16, U32, U64};
 use super::device::Device;
-use super::errors::{driver_err, inject_err, to_py};
+use super::driver::Driver;
+use super::errors::{inject_err, to_py};
 use super::lock;
+use super::state::{state_from_dict, state_to_dict, SavedState};
 use crate::bounce::Strategy;
 use crate::front::driver::DriverError;
 use crate::front::external::{ExternalGuest, ExternalMemory, ExternalQueue};
 use crate::mem::FileRegion;
-use crate::net::{NetState, RxMode};
+
 use crate::session::{Mode, Session as RustSession, SessionConfig, SessionError};
 use crate::shadow::{QueueHook, Verdict};
 
@@ -37,79 +39,6 @@ pub(super) fn parse_mode(m: &str) -> PyResult<Mode> {
         "passthrough" => Ok(Mode::Passthrough),
         m => Err(PyValueError::new_err(format!("unknown mode {m:?}: use translate, copy or passthrough"))),
     }
-}
-
-const RX_NAMES: [&str; 6] = ["promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast"];
-
-fn state_to_dict<'py>(py: Python<'py>, st: &NetState) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("mac", st.mac.map(|m| m.to_vec()))?;
-    d.set_item("unicast", st.unicast.iter().map(|m| m.to_vec()).collect::<Vec<_>>())?;
-    d.set_item("multicast", st.multicast.iter().map(|m| m.to_vec()).collect::<Vec<_>>())?;
-    d.set_item("mq_pairs", st.mq_pairs)?;
-    d.set_item("rss", st.rss.as_ref().map(|b| PyBytes::new(py, b)))?;
-    d.set_item("hash", st.hash.as_ref().map(|b| PyBytes::new(py, b)))?;
-    d.set_item("offloads", st.offloads)?;
-    let rx = PyDict::new(py);
-    for (name, on) in RX_NAMES.iter().zip(st.rx) {
-        rx.set_item(name, on)?;
-    }
-    d.set_item("rx", rx)?;
-    d.set_item("vlans", st.vlans.iter().copied().collect::<Vec<_>>())?;
-    Ok(d)
-}
-
-fn mac6(v: Vec<u8>) -> PyResult<[u8; 6]> {
-    <[u8; 6]>::try_from(v.as_slice()).map_err(|_| PyValueError::new_err(format!("a MAC address is 6 bytes, got {}", v.len())))
-}
-
-fn state_from_dict(d: &Bound<'_, PyDict>) -> PyResult<NetState> {
-    let mut st = NetState::default();
-    let get = |k: &str| d.get_item(k).ok().flatten().filter(|v| !v.is_none());
-    if let Some(v) = get("mac") {
-        st.mac = Some(mac6(v.extract()?)?);
-    }
-    if let Some(v) = get("unicast") {
-        st.unicast = v.extract::<Vec<Vec<u8>>>()?.into_iter().map(mac6).collect::<PyResult<_>>()?;
-    }
-    if let Some(v) = get("multicast") {
-        st.multicast = v.extract::<Vec<Vec<u8>>>()?.into_iter().map(mac6).collect::<PyResult<_>>()?;
-    }
-    if let Some(v) = get("mq_pairs") {
-        st.mq_pairs = v.extract()?;
-    }
-    if let Some(v) = get("rss") {
-        st.rss = Some(v.extract()?);
-    }
-    if let Some(v) = get("hash") {
-        st.hash = Some(v.extract()?);
-    }
-    if let Some(v) = get("offloads") {
-        st.offloads = Some(v.extract()?);
-    }
-    if let Some(v) = get("rx") {
-        let rx = v.cast::<PyDict>().map_err(|_| PyValueError::new_err("rx must be a dict of mode name to bool"))?;
-        for (k, on) in rx.iter() {
-            let k: String = k.extract()?;
-            let i = RX_NAMES.iter().position(|n| *n == k).ok_or_else(|| PyValueError::new_err(format!("unknown RX mode {k:?}")))?;
-            st.rx[RxMode::ALL[i] as usize] = on.extract()?;
-        }
-    }
-    if let Some(v) = get("vlans") {
-        for id in v.extract::<Vec<u16>>()? {
-            if id > crate::net::MAX_VLAN {
-                return Err(PyValueError::new_err(format!("VLAN id {id} > {}", crate::net::MAX_VLAN)));
-            }
-            st.vlans.insert(id);
-        }
-    }
-    for k in d.keys() {
-        let k: String = k.extract()?;
-        if !["mac", "unicast", "multicast", "mq_pairs", "rss", "hash", "offloads", "rx", "vlans"].contains(&k.as_str()) {
-            return Err(PyValueError::new_err(format!("unknown net state field {k:?}")));
-        }
-    }
-    Ok(st)
 }
 
 /// The callables of one Python hook. The session's Python object owns them (and shows
@@ -176,7 +105,7 @@ pub(super) struct Session {
 }
 
 impl Session {
-    fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut RustSession) -> Result<T, SessionError> + Send) -> PyResult<T> {
+    pub(super) fn with<T: Send>(&self, py: Python<'_>, f: impl FnOnce(&mut RustSession) -> Result<T, SessionError> + Send) -> PyResult<T> {
         py.detach(|| {
             let mut g = lock(&self.inner);
             let s = g.as_mut().ok_or(SessionError::Closed)?;
@@ -242,12 +171,6 @@ fn external_guest((memory, queues, features): ExternalArg) -> PyResult<ExternalG
     Ok(ExternalGuest { memory: ExternalMemory::Files(memory), queues, features: features.0 })
 }
 
-type CompletionTuple = (u16, u32, Py<PyBytes>);
-
-fn tuples(py: Python<'_>, done: Vec<crate::front::driver::Completion>) -> Vec<CompletionTuple> {
-    done.into_iter().map(|c| (c.head, c.len, PyBytes::new(py, &c.data).unbind())).collect()
-}
-
 #[pymethods]
 impl Session {
     /// Starts a session. `mode` ("translate", "copy" or "passthrough") applies to every
@@ -255,7 +178,7 @@ impl Session {
     /// `copy_strategy` is "pool" or "per-element"; `restore` a state dict as returned by
     /// `net_state()`.
     #[new]
-    #[pyo3(signature = (device, *, mode, queue_size, memory, event_idx, indirect, queue_modes, copy_strategy, isolate_cvq, track_net_state, restore, restore_timeout, busy_poll = 200e-6, external = None))]
+    #[pyo3(signature = (device, *, mode, queue_size, memory, event_idx, indirect, queue_modes, copy_strategy, isolate_cvq, track_net_state, restore, restore_timeout, busy_poll = 200e-6, external = None, resume = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -273,6 +196,7 @@ impl Session {
         restore_timeout: f64,
         busy_poll: f64,
         external: Option<ExternalArg>,
+        resume: Option<Py<SavedState>>,
     ) -> PyResult<Self> {
         let queue_size = queue_size.0;
         if queue_size == 0 || !queue_size.is_power_of_two() {
@@ -292,15 +216,29 @@ impl Session {
             restore: restore.map(|d| state_from_dict(&d)).transpose()?,
             restore_timeout: timeout(restore_timeout)?,
             busy_poll: busy_poll_window(busy_poll)?,
+            resume: None,
         };
         let dev = device.backend()?.dyn_device();
         let guest = external.map(external_guest).transpose()?;
-        let s = py
-            .detach(|| match guest {
-                Some(g) => RustSession::start_external(dev, &cfg, g),
-                None => RustSession::start(dev, &cfg),
-            })
-            .map_err(to_py)?;
+        let s = match (guest, resume) {
+            (Some(g), resume) => {
+                if resume.as_ref().is_some_and(|r| r.get().has_guest()) {
+                    return Err(PyValueError::new_err("this state carries svq's own guest: resume it without guest="));
+                }
+                let cfg = SessionConfig { resume: resume.map(|r| r.get().device_state()), ..cfg };
+                py.detach(|| RustSession::start_external(dev, &cfg, g)).map_err(to_py)?
+            }
+            (None, Some(resume)) => {
+                let saved = resume.get().take_guest().map_err(to_py)?;
+                py.detach(|| RustSession::resume_saved(dev, &cfg, saved)).map_err(|f| {
+                    if let Some(saved) = f.saved {
+                        resume.get().put_back(saved);
+                    }
+                    to_py(f.error)
+                })?
+            }
+            (None, None) => py.detach(|| RustSession::start(dev, &cfg)).map_err(to_py)?,
+        };
         Ok(Session { inner: Mutex::new(Some(s)), hooks: Mutex::new(Vec::new()) })
     }
 
@@ -406,128 +344,10 @@ impl Session {
         self.with(py, |s| Ok(s.backend_features()))
     }
 
-    /// Posts one device-readable chain per buffer on queue `q` (each split into
-    /// `segments` descriptors) and kicks once.
-    #[pyo3(signature = (q, buffers, segments = Usize(1), indirect = false), text_signature = "($self, q, buffers, segments=1, indirect=False)")]
-    fn send(&self, py: Python<'_>, q: U32, buffers: Vec<Vec<u8>>, segments: Usize, indirect: bool) -> PyResult<Vec<u16>> {
-        let (q, segments) = (q.0, segments.0);
-        if segments == 0 {
-            return Err(PyValueError::new_err("segments must be >= 1"));
-        }
-        if buffers.iter().any(Vec::is_empty) {
-            return Err(PyValueError::new_err("a buffer of 0 bytes cannot be sent: virtio forbids zero-length descriptors"));
-        }
-        self.with(py, |s| {
-            let d = s.driver()?;
-            let mut heads = Vec::with_capacity(buffers.len());
-            let added = buffers.iter().try_for_each(|b| {
-                let per = b.len().div_ceil(segments).max(1);
-                let parts: Vec<&[u8]> = b.chunks(per).collect();
-                heads.push(if indirect { d.add_indirect(q, &parts, &[])? } else { d.add(q, &parts, &[])? });
-                Ok::<_, DriverError>(())
-            });
-            // What was added before a failure is published, not lost.
-            d.kick(q)?;
-            added?;
-            Ok(heads)
-        })
-    }
-
-    /// Posts `count` device-writable buffers of `size` bytes on queue `q` and kicks.
-    fn post_receive(&self, py: Python<'_>, q: U32, count: Usize, size: U32) -> PyResult<()> {
-        let (q, count, size) = (q.0, count.0, size.0);
-        if size == 0 {
-            return Err(PyValueError::new_err("size must be >= 1: virtio forbids zero-length descriptors"));
-        }
-        self.with(py, |s| {
-            let d = s.driver()?;
-            let added = (0..count).try_for_each(|_| d.add(q, &[], &[size]).map(drop));
-            // What was added before a failure is published, not lost.
-            d.kick(q)?;
-            Ok(added?)
-        })
-    }
-
-    /// Posts one chain (readable parts, then writable buffers of the given sizes) and
-    /// kicks; returns its head.
-    fn submit(&self, py: Python<'_>, q: U32, out: Vec<Vec<u8>>, in_sizes: Vec<U32>) -> PyResult<u16> {
-        let q = q.0;
-        let in_sizes: Vec<u32> = in_sizes.into_iter().map(|n| n.0).collect();
-        self.with(py, |s| {
-            let d = s.driver()?;
-            let parts: Vec<&[u8]> = out.iter().map(|v| v.as_slice()).collect();
-            let head = d.add(q, &parts, &in_sizes)?;
-            d.kick(q)?;
-            Ok(head)
-        })
-    }
-
-    /// Waits for `count` completions on queue `q`: a list of (head, length, bytes), the
-    /// bytes being the first `length` written ones, or every writable byte with `whole`.
-    /// Ctrl-C interrupts it; closing the session from another thread wakes it with
-    /// `SessionClosedError`.
-    #[pyo3(signature = (q, count, timeout_s = 10.0, whole = false))]
-    fn wait(&self, py: Python<'_>, q: U32, count: Usize, timeout_s: f64, whole: bool) -> PyResult<Vec<CompletionTuple>> {
-        let (q, count, t) = (q.0, count.0, timeout(timeout_s)?);
-        let deadline = Instant::now() + t;
-        let mut done = Vec::with_capacity(count.min(1 << 16));
-        // The session is locked only while the ring is read, never while sleeping.
-        while let Some(call) = self.with(py, |s| Ok(s.driver()?.wait_step(q, count, whole, &mut done)?))? {
-            let woke = wait_interruptibly(py, deadline, |until| call.wait(until.saturating_duration_since(Instant::now())).then_some(()))?;
-            if woke.is_none() {
-                // What did complete is not lost: it rides on the exception.
-                let e = driver_err(DriverError::Timeout { queue: q, got: done.len(), want: count, waited: t });
-                e.value(py).setattr("completions", tuples(py, done))?;
-                return Err(e);
-            }
-        }
-        Ok(tuples(py, done))
-    }
-
-    /// Chains the guest has in flight on queue `q`.
-    fn in_flight(&self, py: Python<'_>, q: U32) -> PyResult<usize> {
-        self.with(py, |s| {
-            let d = s.driver()?;
-            d.queue_exists(q.0)?;
-            Ok(d.in_flight(q.0))
-        })
-    }
-
-    /// Guest ring addresses of queue `q`: dict(desc, avail, used, size).
-    fn guest_ring<'py>(&self, py: Python<'py>, q: U32) -> PyResult<Bound<'py, PyDict>> {
-        let g = self.with(py, |s| {
-            s.guest_queues().iter().find(|g| g.index == q.0).cloned().ok_or(SessionError::Driver(DriverError::NoQueue(q.0)))
-        })?;
-        let d = PyDict::new(py);
-        d.set_item("desc", g.desc)?;
-        d.set_item("avail", g.avail)?;
-        d.set_item("used", g.used)?;
-        d.set_item("size", g.layout.size())?;
-        Ok(d)
-    }
-
-    /// Writes raw bytes into guest memory (for tests that play a hostile guest).
-    fn write_guest(&self, py: Python<'_>, addr: U64, data: Vec<u8>) -> PyResult<()> {
-        self.with(py, |s| Ok(s.driver()?.memory().write(addr.0, &data)?))
-    }
-
-    /// Reads raw bytes of guest memory.
-    fn read_guest<'py>(&self, py: Python<'py>, addr: U64, length: Usize) -> PyResult<Bound<'py, PyBytes>> {
-        if length.0 > 1 << 30 {
-            return Err(PyValueError::new_err(format!("length {} is larger than 1 GiB", length.0)));
-        }
-        let mut buf = vec![0u8; length.0];
-        self.with(py, |s| Ok(s.driver()?.memory().read(addr.0, &mut buf)?))?;
-        Ok(PyBytes::new(py, &buf))
-    }
-
-    /// Signals queue `q`'s kick eventfd unconditionally (a raw guest kick).
-    fn notify(&self, py: Python<'_>, q: U32) -> PyResult<()> {
-        self.with(py, |s| {
-            let g = s.guest_queues().iter().find(|g| g.index == q.0).ok_or(SessionError::Driver(DriverError::NoQueue(q.0)))?;
-            g.kick.signal();
-            Ok(())
-        })
+    /// The in-process guest's driver (a session serving an external guest has none).
+    fn driver(slf: Bound<'_, Self>) -> PyResult<Driver> {
+        let has = slf.get().with(slf.py(), |s| s.driver().map(drop));
+        has.map(|()| Driver::of_session(slf.unbind()))
     }
 
     /// The fault that broke queue `q`: dict(queue, kind, rule, message), or None.
@@ -574,11 +394,6 @@ impl Session {
                 Ok(d)
             })
             .collect()
-    }
-
-    /// Live guest buffers (rings included) in guest memory.
-    fn live_guest_buffers(&self, py: Python<'_>) -> PyResult<usize> {
-        self.with(py, |s| Ok(s.driver()?.live_buffers()))
     }
 
     /// `VHOST_VDPA_SUSPEND`.
@@ -647,6 +462,22 @@ impl Session {
                 Ok(d)
             })
             .collect()
+    }
+
+    /// Stops the session and returns its device state (see the Rust `Session::save`),
+    /// carrying svq's own guest when the session played it.
+    fn save(&self, py: Python<'_>) -> PyResult<SavedState> {
+        let saved = py
+            .detach(|| {
+                let mut g = lock(&self.inner);
+                let s = g.as_mut().ok_or(SessionError::Closed)?;
+                let r = s.save();
+                // A failed save closed the session all the same.
+                g.take();
+                r
+            })
+            .map_err(to_py)?;
+        Ok(SavedState::new(saved))
     }
 
     /// Stops the engine, resets the device, unmaps everything and wakes every waiter.

@@ -31,7 +31,8 @@ pub struct Chain {
 }
 
 impl Chain {
-    fn clear(&mut self) {
+    /// Empties the chain (its lists keep their capacity).
+    pub fn clear(&mut self) {
         self.out.clear();
         self.inn.clear();
         self.out_len = 0;
@@ -185,7 +186,14 @@ pub struct RingReader {
 impl RingReader {
     /// A reader starting at avail index `base`, with the negotiated ring features.
     pub fn new(ring: Vring, base: u16, event_idx: bool, indirect: bool) -> Self {
-        RingReader { ring, last_avail: base, used_idx: base, signalled_used: base, event_idx, indirect }
+        Self::resume(ring, base, base, event_idx, indirect)
+    }
+
+    /// A reader over a ring that ran before: the next chain to pop is `avail`, and the
+    /// used index the driver saw last is `used` (below `avail` by the chains still in
+    /// flight).
+    pub fn resume(ring: Vring, avail: u16, used: u16, event_idx: bool, indirect: bool) -> Self {
+        RingReader { ring, last_avail: avail, used_idx: used, signalled_used: used, event_idx, indirect }
     }
 
     /// The ring.

@@ -14,6 +14,7 @@ mod claim;
 mod negotiate;
 mod placement;
 mod restore;
+mod save;
 mod setup;
 mod switch;
 mod teardown;
@@ -26,6 +27,7 @@ use nix::errno::Errno;
 
 pub use negotiate::guest_offer;
 pub use placement::CvqInfo;
+pub use save::{ResumeFailed, Saved};
 pub use switch::SwitchReport;
 
 use crate::bounce::Strategy;
@@ -39,7 +41,7 @@ use crate::iova::Mapping;
 use crate::mem::{GuestMemory, MemError};
 use crate::net::NetState;
 use crate::shadow::cvq::CvqCounters;
-use crate::shadow::{InjectError, InjectResult, InjectSlot, QueueHook, QueueStats};
+use crate::shadow::{InjectError, InjectResult, InjectSlot, QueueHook, QueueStats, StopReason};
 use claim::DeviceClaim;
 use teardown::Teardown;
 
@@ -94,6 +96,10 @@ pub struct SessionConfig {
     /// The engine's adaptive poll: after work it keeps looking at the rings for up to
     /// this long (notifications off) before it re-arms them and sleeps. Zero: never poll.
     pub busy_poll: Duration,
+    /// A device state saved by another session (`Session::save`) to continue from: the
+    /// rings start where they stood, chains in flight are submitted again, and the
+    /// virtio-net state is replayed before the data queues start.
+    pub resume: Option<crate::migrate::DeviceState>,
 }
 
 impl Default for SessionConfig {
@@ -111,6 +117,7 @@ impl Default for SessionConfig {
             restore: None,
             restore_timeout: Duration::from_secs(10),
             busy_poll: Duration::from_micros(200),
+            resume: None,
         }
     }
 }
@@ -167,6 +174,9 @@ pub enum SessionError {
     /// An injected element failed.
     #[error(transparent)]
     Injected(#[from] InjectError),
+    /// A saved device state does not fit.
+    #[error(transparent)]
+    State(#[from] crate::migrate::StateError),
     /// A restore command was refused or failed.
     #[error("restore: command {index} ({name}) {reason}")]
     Restore {
@@ -193,6 +203,8 @@ pub struct Session {
     dma: Arc<Dma>,
     claim: Option<DeviceClaim>,
     features: u64,
+    /// The virtio features the guest's driver works with (what a saved state records).
+    guest_features: u64,
     backend_features: u64,
     /// Queues the device has.
     device_queues: u32,
@@ -226,24 +238,38 @@ impl Session {
     /// driver, sets up every queue and starts. The device must not be in use by another
     /// session.
     pub fn start(device: Arc<dyn Device>, cfg: &SessionConfig) -> Result<Self, SessionError> {
-        Self::start_with(device, cfg, GuestSource::InProcess)
+        Self::start_with(device, cfg, GuestSource::InProcess).map_err(|f| f.error)
     }
 
     /// Like [`Session::start`] for a guest svq does not own: its memory and rings as an
     /// external front hands them over. Only the guest's queues are set up; their format
     /// follows the features the guest negotiated.
     pub fn start_external(device: Arc<dyn Device>, cfg: &SessionConfig, guest: ExternalGuest) -> Result<Self, SessionError> {
-        Self::start_with(device, cfg, GuestSource::External(guest))
+        Self::start_with(device, cfg, GuestSource::External(guest)).map_err(|f| f.error)
     }
 
-    fn start_with(device: Arc<dyn Device>, cfg: &SessionConfig, source: GuestSource) -> Result<Self, SessionError> {
-        let claim = DeviceClaim::take(&device)?;
-        let dma = Arc::new(Dma::new(device.clone())?);
+    fn start_with(device: Arc<dyn Device>, cfg: &SessionConfig, source: GuestSource) -> Result<Self, Box<StartFailed>> {
+        // A resumed state's virtio-net state is replayed like an explicit restore.
+        let resumed;
+        let cfg = match cfg.resume.as_ref().and_then(|s| s.net.clone()) {
+            Some(net) if cfg.restore.is_none() && net != NetState::default() => {
+                resumed = SessionConfig { restore: Some(net), ..cfg.clone() };
+                &resumed
+            }
+            _ => cfg,
+        };
+        let parts = DeviceClaim::take(&device).and_then(|claim| Ok((claim, Arc::new(Dma::new(device.clone())?))));
+        let (claim, dma) = match parts {
+            Ok(p) => p,
+            Err(error) => return Err(Box::new(StartFailed { error, driver: source.into_driver(), positions: Vec::new() })),
+        };
+        let resuming = matches!(source, GuestSource::Resumed(_));
         let mut s = Session {
             device,
             dma,
             claim: Some(claim),
             features: 0,
+            guest_features: 0,
             backend_features: 0,
             device_queues: 0,
             modes: Vec::new(),
@@ -264,10 +290,17 @@ impl Session {
         };
         match s.setup(cfg, source) {
             Ok(()) => Ok(s),
-            Err(e) => {
+            // A guest moving in goes back as it stood (what it had in flight still in
+            // flight), unless the device might still reach its memory.
+            Err(error) if resuming => {
+                let suspended = s.device.suspend().is_ok();
+                let handed = s.hand_over(suspended);
+                Err(Box::new(StartFailed { error, driver: handed.driver, positions: handed.positions }))
+            }
+            Err(error) => {
                 // Undo whatever was done; the setup error is the one worth reporting.
                 let _ = s.close();
-                Err(e)
+                Err(Box::new(StartFailed { error, driver: None, positions: Vec::new() }))
             }
         }
     }
@@ -455,10 +488,10 @@ impl Session {
             let taken = if suspended { dev.vring_base(sq.index).ok() } else { None };
             sq.rewind_untaken(taken.unwrap_or_else(|| sq.shadow_used()));
         }
-        let (result, shadowed) = self.take_teardown().run_keeping_positions(queues);
-        positions.extend(shadowed);
+        let stopped = self.take_teardown().stop(queues, StopReason::Closed);
+        positions.extend(stopped.positions);
         positions.sort_by_key(|p| p.queue);
-        result.map(|()| positions)
+        stopped.result.map(|()| positions)
     }
 
     /// Stops the engine, resets the device, returns every element in flight, unbinds
@@ -492,6 +525,25 @@ pub(crate) enum GuestSource {
     InProcess,
     /// A guest svq does not own.
     External(ExternalGuest),
+    /// svq's own guest, moving in from a saved session (`Session::resume_saved`).
+    Resumed(Driver),
+}
+
+impl GuestSource {
+    fn into_driver(self) -> Option<Driver> {
+        match self {
+            GuestSource::Resumed(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// Why a session did not start, and what comes back of a guest that was moving in.
+pub(crate) struct StartFailed {
+    pub(crate) error: SessionError,
+    pub(crate) driver: Option<Driver>,
+    /// Where its rings stand, when the session got as far as serving them.
+    pub(crate) positions: Vec<(QueuePosition, Vec<u16>)>,
 }
 
 impl Session {

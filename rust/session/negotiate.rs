@@ -65,6 +65,10 @@ impl Session {
             return Err(SessionError::Negotiation(format!("device features {offered:#x} lack VERSION_1 or ACCESS_PLATFORM")));
         }
         let id = dev.device_id()?;
+        // A saved state of another device class is named as such, before its features are.
+        if let Some(state) = &cfg.resume {
+            state.check_class(id)?;
+        }
         let class = class_features(id)?;
         let any_passthrough = cfg.mode == Mode::Passthrough || cfg.queue_modes.iter().any(|(_, m)| *m == Mode::Passthrough);
         let wanted = match guest {

@@ -17,6 +17,11 @@ impl Session {
             self.device.config(0, &mut mac)?;
         }
         let cmds = saved.restore_commands(mac);
+        // A MAC the device already holds (it survives a reset) is not sent, yet it is the
+        // state: tracked as if acknowledged.
+        if let (Some(m), Some(state)) = (saved.mac.filter(|m| *m == mac), &self.net_state) {
+            state.lock().unwrap_or_else(|p| p.into_inner()).mac = Some(m);
+        }
         let slots = self.inject_many(cvq, cmds.iter().map(|c| (c.encode(), 1)).collect())?;
         let deadline = std::time::Instant::now() + timeout;
         for (index, (cmd, slot)) in cmds.iter().zip(slots).enumerate() {

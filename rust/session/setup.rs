@@ -12,7 +12,7 @@ use crate::dma::MapRequest;
 use crate::engine::Engine;
 use crate::eventfd::EventFd;
 use crate::front::driver::Driver;
-use crate::front::GuestQueue;
+use crate::front::{Guest, GuestQueue};
 use crate::mem::GuestMemory;
 use crate::net::NetState;
 use crate::ring::layout::align_up;
@@ -26,6 +26,15 @@ impl Session {
         // A guest handed over is checked (and its memory mapped) before the device is touched.
         let external = match source {
             GuestSource::External(g) => Some(g.attach()?),
+            GuestSource::Resumed(driver) => {
+                let queues = driver.guest_queues();
+                // A queue that broke on the old device starts afresh on this one.
+                queues.iter().for_each(|q| q.health.clear());
+                let features = cfg.resume.as_ref().map_or(0, |s| s.features);
+                let memory = driver.memory().clone();
+                self.driver = Some(driver);
+                Some(Guest { memory, queues, features })
+            }
             GuestSource::InProcess => None,
         };
         let dev = self.device.clone();
@@ -69,7 +78,41 @@ impl Session {
             ));
         }
         let mem = match external {
-            Some(g) => {
+            Some(mut g) => {
+                self.guest_features = g.features;
+                if let Some(state) = &cfg.resume {
+                    state.check(id, crate::session::guest_offer(id, dev.features()?)? | (1 << feature::ACCESS_PLATFORM))?;
+                    if state.features != g.features {
+                        return Err(crate::migrate::StateError::Mismatch(format!(
+                            "saved with guest features {:#x}, resumed with {:#x}",
+                            state.features, g.features
+                        ))
+                        .into());
+                    }
+                    for q in g.queues.iter_mut() {
+                        let Some(saved) = state.queues.iter().find(|s| s.index == q.index) else {
+                            return Err(crate::migrate::StateError::Mismatch(format!("queue {} is not in the saved state", q.index)).into());
+                        };
+                        if saved.size != q.layout.size() {
+                            return Err(crate::migrate::StateError::Mismatch(format!(
+                                "queue {}: ring of {} saved, {} now",
+                                q.index,
+                                saved.size,
+                                q.layout.size()
+                            ))
+                            .into());
+                        }
+                        if !saved.inflight.is_empty() && plan.mode(q.index) == Mode::Passthrough {
+                            return Err(SessionError::Invalid(format!(
+                                "queue {}: {} requests in flight are submitted again by svq: it cannot start in passthrough",
+                                q.index,
+                                saved.inflight.len()
+                            )));
+                        }
+                        q.base = saved.avail;
+                        q.used_base = saved.used;
+                    }
+                }
                 for q in g.queues.iter().filter(|q| plan.mode(q.index) == Mode::Passthrough) {
                     if q.layout.size() > max {
                         return Err(SessionError::Invalid(format!(
@@ -92,6 +135,12 @@ impl Session {
                 } else {
                     (cfg.event_idx, cfg.indirect)
                 };
+                if cfg.resume.is_some() {
+                    return Err(SessionError::Invalid(
+                        "a saved state resumes a guest that outlives its session, not the session's own".into(),
+                    ));
+                }
+                self.guest_features = self.features & !(1 << feature::ACCESS_PLATFORM);
                 let size = cfg.queue_size.min(max);
                 let mem = Arc::new(GuestMemory::new(&cfg.memory)?);
                 let driver = Driver::new(mem.clone(), &vec![size; self.device_queues as usize], guest_event_idx, guest_indirect)?;
@@ -131,6 +180,9 @@ impl Session {
             };
             let size = gq.layout.size().min(max);
             let mut sq = self.shadow_queue(gq, size, mem, &regions, stats, forwarding, plan.asid(gq.index), cfg.copy_strategy)?;
+            if let Some(saved) = cfg.resume.as_ref().and_then(|s| s.queues.iter().find(|q| q.index == gq.index)) {
+                sq.resubmit(&saved.inflight);
+            }
             if plan.cvq.as_ref().is_some_and(|c| c.queue == gq.index) && (cfg.track_net_state || cfg.restore.is_some()) {
                 let state = Arc::new(Mutex::new(NetState::default()));
                 let counters = Arc::new(CvqCounters::default());
@@ -229,7 +281,7 @@ impl Session {
         };
         dev.set_vring_kick(gq.index, Some(fds.device_kick.as_fd()))?;
         dev.set_vring_call(gq.index, Some(fds.device_call.as_fd()))?;
-        let guest = RingReader::new(mem.vring(gq.layout, gq.desc, gq.avail, gq.used)?, gq.base, gq.event_idx, gq.indirect);
+        let guest = RingReader::resume(mem.vring(gq.layout, gq.desc, gq.avail, gq.used)?, gq.base, gq.used_base, gq.event_idx, gq.indirect);
         let bounce_space = BounceSpace { dma: self.dma.clone(), asid, strategy };
         let bounce = match forwarding {
             Forwarding::Copy(st) => Some(BouncePool::new(self.dma.clone(), asid, st, 1)?),

@@ -94,7 +94,7 @@ impl Session {
                 "queue {q}: the device took {base} chains but completed {used}: it cannot be adopted while it holds some"
             )));
         }
-        gq.base = base;
+        (gq.base, gq.used_base) = (base, base);
         let size = gq.layout.size().min(dev.max_queue_size()?);
         let forwarding = if mode == Mode::Copy { Forwarding::Copy(self.copy_strategy) } else { Forwarding::Translate };
         let stats = self.stats.iter().find(|(i, _)| *i == q).map_or_else(|| Arc::new(QueueStats::default()), |(_, s)| s.clone());

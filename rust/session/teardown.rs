@@ -27,15 +27,25 @@ pub(super) struct Teardown {
     pub(super) guest_queues: Vec<GuestQueue>,
 }
 
+/// What a teardown leaves.
+pub(super) struct Stopped {
+    /// The first error of any step.
+    pub(super) result: Result<(), SessionError>,
+    /// Where each shadowed guest ring stands once its queue stopped.
+    pub(super) positions: Vec<QueuePosition>,
+    /// The in-process guest, when its memory is provably out of the device's reach (and
+    /// may serve another device); `None` otherwise, its memory then being kept.
+    pub(super) driver: Option<Driver>,
+}
+
 impl Teardown {
     /// Runs every step, even after a failed one; the first error is returned.
     pub(super) fn run(self, queues: Vec<ShadowQueue>) -> Result<(), SessionError> {
-        self.run_keeping_positions(queues).0
+        self.stop(queues, StopReason::Closed).result
     }
 
-    /// Like [`Teardown::run`], and says where each shadowed guest ring stands once its
-    /// queue stopped.
-    pub(super) fn run_keeping_positions(self, mut queues: Vec<ShadowQueue>) -> (Result<(), SessionError>, Vec<QueuePosition>) {
+    /// Like [`Teardown::run`], stopping the queues for `why`: see [`Stopped`].
+    pub(super) fn stop(self, mut queues: Vec<ShadowQueue>, why: StopReason) -> Stopped {
         let mut first: Option<SessionError> = None;
         let mut keep = |r: Result<(), SessionError>| {
             if let Err(e) = r {
@@ -58,7 +68,7 @@ impl Teardown {
         let mut unmapped = true;
         let mut positions = Vec::with_capacity(queues.len());
         for q in &mut queues {
-            if let Err(e) = q.stop(StopReason::Closed, quiesced) {
+            if let Err(e) = q.stop(why, quiesced) {
                 unmapped = false;
                 keep(Err(e.into()));
             }
@@ -72,12 +82,14 @@ impl Teardown {
         }
         let notifiers: Vec<_> = self.guest_queues.iter().map(|g| g.call.clone()).collect();
         // The driver's rings and buffers live in guest memory, which it shares (an Arc):
-        // dropping the driver frees only its own bookkeeping and eventfds.
-        drop(self.driver);
+        // it is handed back only with memory the device can no longer reach.
+        let mut driver = None;
         if quiesced && unmapped {
+            driver = self.driver;
             drop(self.ring_mem);
             drop(self.guest_mem);
         } else {
+            drop(self.driver);
             let bytes =
                 self.ring_mem.iter().map(|r| r.mem.total_bytes()).sum::<u64>() + self.guest_mem.as_ref().map_or(0, |m| m.total_bytes());
             crate::live::quarantine((self.ring_mem, self.guest_mem), bytes);
@@ -85,6 +97,6 @@ impl Teardown {
         // Whoever waits on a guest queue wakes and finds the session closed.
         notifiers.iter().for_each(|c| c.signal());
         drop(self.claim);
-        (first.map_or(Ok(()), Err), positions)
+        Stopped { result: first.map_or(Ok(()), Err), positions, driver }
     }
 }

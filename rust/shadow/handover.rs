@@ -31,6 +31,21 @@ impl ShadowQueue {
         self.shadow.last_used()
     }
 
+    /// The guest chains the device took and has not completed (after
+    /// [`ShadowQueue::rewind_untaken`], what a hand-over leaves in flight), plus those
+    /// still waiting to be submitted again.
+    pub fn guest_in_flight(&self) -> Vec<u16> {
+        let mut heads = self.in_flight.guest_heads();
+        heads.extend(self.resubmit.iter().copied());
+        heads
+    }
+
+    /// Submits these guest chains (popped by an earlier session, never completed) again,
+    /// before any new one.
+    pub fn resubmit(&mut self, heads: &[u16]) {
+        self.resubmit.extend(heads.iter().copied());
+    }
+
     /// The guest ring's position: (next avail index to pop, used index published).
     pub fn guest_position(&self) -> (u16, u16) {
         (self.guest.last_avail(), self.guest.used_idx())

@@ -116,6 +116,11 @@ impl InFlightTable {
         }
     }
 
+    /// The guest chains in flight, by shadow head.
+    pub(super) fn guest_heads(&self) -> Vec<u16> {
+        (0..self.slots.len() as u16).filter_map(|h| self.guest_head_of(h).flatten()).collect()
+    }
+
     /// The guest chain on shadow head `head`: `Some(Some(guest head))` for a guest
     /// element, `Some(None)` for svq's own, None when no element is there.
     pub(super) fn guest_head_of(&self, head: u16) -> Option<Option<u16>> {

@@ -73,13 +73,17 @@ enum Sent {
     Completed,
 }
 
-/// Why a queue stops: it decides what waiting injectors are told.
+/// Why a queue stops: it decides what waiting injectors are told, and what becomes of
+/// guest chains the device still holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
-    /// The session is closing.
+    /// The session is closing: the guest gets its chains back (used length 0).
     Closed,
-    /// The queue alone stops (it goes back to passthrough, or its device is handed over).
+    /// The queue alone stops (it goes back to passthrough): likewise.
     Stopped,
+    /// The guest's ring is handed to another session, which submits the chains the device
+    /// held again: they are not completed here.
+    HandedOver,
 }
 
 /// One shadow virtqueue.
@@ -95,6 +99,8 @@ pub struct ShadowQueue {
     in_flight: InFlightTable,
     held: Option<Element>,
     injected: VecDeque<Element>,
+    /// Guest chains to submit again first (a ring handed over with chains in flight).
+    resubmit: VecDeque<u16>,
     bounce_space: Option<BounceSpace>,
     bounce: Option<BouncePool>,
     hooks: Vec<HookBox>,
@@ -156,6 +162,7 @@ impl ShadowQueue {
             in_flight: InFlightTable::new(size),
             held: None,
             injected: VecDeque::new(),
+            resubmit: VecDeque::new(),
             bounce_space: p.bounce_space,
             bounce: p.bounce,
             hooks: Vec::new(),
@@ -222,7 +229,7 @@ impl ShadowQueue {
     /// Sends everything there is until the ring is full; whether an element waits.
     fn forward_all(&mut self) -> Result<bool, Fault> {
         loop {
-            if self.held.is_none() && self.injected.is_empty() && self.fast() {
+            if self.held.is_none() && self.injected.is_empty() && self.resubmit.is_empty() && self.fast() {
                 // Only guest elements left, and nothing to do with them but translate.
                 return self.forward_translated();
             }
@@ -256,7 +263,16 @@ impl ShadowQueue {
         }
         loop {
             let mut chain = std::mem::take(&mut self.chain);
-            match self.guest.pop(&*self.mem, &mut chain) {
+            let popped = match self.resubmit.pop_front() {
+                // A chain the last session's device held: walked again from its head.
+                Some(head) => {
+                    chain.clear();
+                    chain.head = head;
+                    self.guest.walk_head(&*self.mem, head, &mut chain).map(|()| true)
+                }
+                None => self.guest.pop(&*self.mem, &mut chain),
+            };
+            match popped {
                 Ok(true) => {}
                 Ok(false) => {
                     self.chain = chain;
@@ -371,7 +387,8 @@ impl ShadowQueue {
             moved = true;
         }
         let room = self.held.is_none() || self.shadow.num_free() > 0;
-        if room && (self.guest.has_avail() || self.held.is_some() || !self.injected.is_empty()) {
+        let work = self.guest.has_avail() || self.held.is_some() || !self.injected.is_empty() || !self.resubmit.is_empty();
+        if room && work {
             self.guest.disable_notify();
             if let Err(fault) = self.forward_all() {
                 self.call_guest();
@@ -503,13 +520,14 @@ impl ShadowQueue {
         let queue = self.index;
         let failure = || match why {
             StopReason::Closed => InjectError::Closed,
-            StopReason::Stopped => InjectError::Stopped { queue },
+            StopReason::Stopped | StopReason::HandedOver => InjectError::Stopped { queue },
         };
         let heads: Vec<u16> = self.shadow.in_flight_heads().collect();
         for head in heads {
             self.shadow.reclaim(head);
             match self.in_flight.untrack(head) {
                 None => {}
+                Some(Ok(_)) if why == StopReason::HandedOver => {}
                 Some(Ok(guest_head)) => {
                     self.complete_guest(guest_head, 0);
                     returned += 1;
@@ -524,8 +542,11 @@ impl ShadowQueue {
                         let bytes = [&f.out_buf, &f.in_buf].iter().filter_map(|b| b.as_ref()).map(|b| b.own_bytes()).sum();
                         crate::live::quarantine((f.out_buf, f.in_buf), bytes);
                     }
-                    self.finish(f.origin, 0, Err(failure()));
-                    returned += 1;
+                    // A guest chain handed over is completed by the next session.
+                    if !(why == StopReason::HandedOver && matches!(f.origin, Origin::Guest(_))) {
+                        self.finish(f.origin, 0, Err(failure()));
+                        returned += 1;
+                    }
                 }
             }
         }

@@ -26,8 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The guest program's own checks first (seconds, no VM), then testpmd: the svq tests
     # compare with its figures (the fixtures would measure on demand anyway; this only
-    # makes the report read in order).
-    order = {"test_guest_program.py": 0, "test_testpmd.py": 1}
+    # makes the report read in order). The live migrations come last.
+    order = {"test_guest_program.py": 0, "test_testpmd.py": 1, "test_migrate.py": 3}
     items.sort(key=lambda item: order.get(item.path.name, 2))
 
 

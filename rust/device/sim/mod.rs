@@ -20,7 +20,7 @@ use crate::ring::{Chain, RingReader, Vring};
 use crate::virtio::feature;
 use crate::virtio::{backend_feature as bf, status};
 
-mod blk;
+pub mod blk;
 pub mod echo;
 mod net;
 pub mod view;
@@ -60,6 +60,10 @@ pub enum SimKind {
     Blk {
         /// Capacity in 512-byte sectors.
         capacity: u64,
+        /// How long a request takes (zero: done as it is taken). Requests then complete
+        /// out of order, as real disks do, and a suspended device holds the ones in
+        /// flight.
+        latency: std::time::Duration,
     },
 }
 
@@ -150,7 +154,10 @@ pub(crate) struct SimState {
     config_call: Option<EventFd>,
     faults: Vec<String>,
     stats: SimStats,
-    disk: Vec<u8>,
+    /// The blk device's disk (None for net).
+    disk: Option<blk::Disk>,
+    /// Blk requests taken and not completed yet (with a latency).
+    pending: Vec<blk::Pending>,
     /// virtio-net control-plane state, as the control queue set it.
     net: crate::net::NetState,
     scratch: Vec<u8>,
@@ -174,24 +181,35 @@ pub struct SimDevice {
 impl SimDevice {
     /// A virtio-net device (rx 0, tx 1, control 2; the control queue alone in group 1).
     pub fn net(mac: [u8; 6], mtu: u16) -> DeviceResult<Self> {
-        Self::start(SimKind::Net { mac, mtu, echo: None })
+        Self::start_net(SimKind::Net { mac, mtu, echo: None })
     }
 
     /// A virtio-net device whose far end is a peer host at `echo.ip` answering ARP and
     /// ICMP echo (instead of the TX→RX loopback).
     pub fn net_echo(mac: [u8; 6], mtu: u16, echo: echo::Echo) -> DeviceResult<Self> {
-        Self::start(SimKind::Net { mac, mtu, echo: Some(echo) })
+        Self::start_net(SimKind::Net { mac, mtu, echo: Some(echo) })
     }
 
     /// A virtio-blk device over a RAM disk of `capacity` sectors.
     pub fn blk(capacity: u64) -> DeviceResult<Self> {
-        Self::start(SimKind::Blk { capacity })
+        Self::blk_on(blk::Disk::new(capacity), std::time::Duration::ZERO)
     }
 
-    fn start(kind: SimKind) -> DeviceResult<Self> {
-        let (nq, ngroups, nas, disk) = match kind {
-            SimKind::Net { .. } => (3, 2, 2, Vec::new()),
-            SimKind::Blk { capacity } => (1, 1, 1, vec![0u8; (capacity * 512) as usize]),
+    /// A virtio-blk device over `disk` (which other devices may share, as hosts share a
+    /// storage network), whose requests take `latency` and complete out of order.
+    pub fn blk_on(disk: blk::Disk, latency: std::time::Duration) -> DeviceResult<Self> {
+        let capacity = disk.sectors();
+        Self::start(SimKind::Blk { capacity, latency }, Some(disk))
+    }
+
+    fn start_net(kind: SimKind) -> DeviceResult<Self> {
+        Self::start(kind, None)
+    }
+
+    fn start(kind: SimKind, disk: Option<blk::Disk>) -> DeviceResult<Self> {
+        let (nq, ngroups, nas) = match kind {
+            SimKind::Net { .. } => (3, 2, 2),
+            SimKind::Blk { .. } => (1, 1, 1),
         };
         let wake = EventFd::new().map_err(|e| DeviceError::os("eventfd", e))?;
         let state = SimState {
@@ -208,6 +226,7 @@ impl SimDevice {
             faults: Vec::new(),
             stats: SimStats::default(),
             disk,
+            pending: Vec::new(),
             net: crate::net::NetState::default(),
             scratch: Vec::with_capacity(65536),
             chain: Chain::default(),
@@ -280,7 +299,7 @@ impl SimState {
     fn config_bytes(&self) -> Vec<u8> {
         match &self.kind {
             SimKind::Net { mac, mtu, .. } => net::config(mac, *mtu),
-            SimKind::Blk { capacity } => blk::config(*capacity),
+            SimKind::Blk { capacity, .. } => blk::config(*capacity),
         }
     }
 
@@ -310,6 +329,8 @@ impl SimState {
         }
         self.iotlb_generation += 1;
         self.faults.clear();
+        // Requests the device held are dropped, never applied (a reset device forgets them).
+        self.pending.clear();
         // The MAC lives in config space and survives reset (as in vdpa_sim_net).
         self.net = crate::net::NetState::default();
     }
@@ -413,6 +434,14 @@ impl SimState {
         }
     }
 
+    /// When the earliest blk request in flight is due.
+    fn next_due(&self) -> Option<std::time::Instant> {
+        if !self.running() {
+            return None;
+        }
+        self.pending.iter().map(|p| p.due).min()
+    }
+
     fn progress(&self) -> u64 {
         let s = &self.stats;
         s.tx_packets + s.ctrl_commands + s.blk_requests
@@ -449,14 +478,19 @@ impl SimState {
 /// The device thread: wait for a kick (or a poke from an ioctl), process, repeat.
 fn run(shared: &Shared) {
     loop {
-        let kicks: Vec<Arc<EventFd>> = {
+        let (kicks, due) = {
             let st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-            st.queues.iter().filter_map(|q| q.kick.clone()).collect()
+            (st.queues.iter().filter_map(|q| q.kick.clone()).collect::<Vec<Arc<EventFd>>>(), st.next_due())
         };
         let mut fds: Vec<PollFd<'_>> = Vec::with_capacity(kicks.len() + 1);
         fds.push(PollFd::new(shared.wake.as_fd(), PollFlags::POLLIN));
         fds.extend(kicks.iter().map(|k| PollFd::new(k.as_fd(), PollFlags::POLLIN)));
-        match poll(&mut fds, PollTimeout::NONE) {
+        // A request in flight wakes the device when it is due.
+        let timeout = due.map_or(PollTimeout::NONE, |d| {
+            let ms = d.saturating_duration_since(std::time::Instant::now()).as_millis().clamp(1, 60_000);
+            PollTimeout::try_from(ms as i32).unwrap_or(PollTimeout::MAX)
+        });
+        match poll(&mut fds, timeout) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(_) => return,
         }
