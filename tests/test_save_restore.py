@@ -144,16 +144,54 @@ def test_a_state_that_does_not_fit_is_refused_and_the_guest_stays(disk: str) -> 
                 svq.Session(a, resume=saved)
 
 
-def test_a_failed_save_closes_the_session_and_leaks_nothing() -> None:
+def test_a_save_refused_before_the_stop_leaves_the_session_running() -> None:
     with svq.Device("sim:net") as dev:
         s = svq.Session(dev)
         s.driver.post_receive(net.RX, 8, 2048)
-        dev.fail_at("ioctl", 1)
+        dev.fail_at("ioctl", 1)  # the suspend
         with pytest.raises(OSError):
             s.save()
-        assert s.closed and dev.live_mappings() == 0
-        with pytest.raises(svq.SessionClosedError):
+        assert not s.closed
+        s.driver.send(net.TX, [numbered(1)])
+        assert [d for _, _, d in s.driver.wait(net.RX, 1)] == [numbered(1)]
+        s.close()
+        assert dev.live_mappings() == 0
+
+
+def ioctls_of_a_save(spec: str) -> int:
+    with svq.Device(spec) as dev:
+        s = svq.Session(dev)
+        dev.fail_at("ioctl", 1 << 40)  # counts without failing
+        s.save()
+        return dev.calls_seen("ioctl")
+
+
+def test_a_save_failing_after_the_stop_still_hands_the_guest_over() -> None:
+    last = ioctls_of_a_save("sim:net")
+    with svq.Device("sim:net") as a, svq.Device("sim:net") as b:
+        s = svq.Session(a)
+        s.driver.post_receive(net.RX, 4, 2048)
+        a.fail_at("ioctl", last)  # unbinding the config notifier, once the device is reset and unmapped
+        with pytest.raises(OSError) as failed:
             s.save()
+        assert s.closed and a.live_mappings() == 0
+        saved = failed.value.saved  # type: ignore[attr-defined]
+        assert isinstance(saved, svq.SavedState) and saved.carries_guest
+        with svq.Session(b, resume=saved) as s2:
+            s2.driver.send(net.TX, [numbered(2)])
+            assert [d for _, _, d in s2.driver.wait(net.RX, 1)] == [numbered(2)]
+
+
+@pytest.mark.quarantines
+def test_a_save_whose_device_may_still_reach_the_guest_keeps_its_memory() -> None:
+    with svq.Device("sim:net") as dev:
+        s = svq.Session(dev)
+        dev.fail_at("unmap", 1)
+        with pytest.raises(OSError) as failed:
+            s.save()
+        assert s.closed
+        assert getattr(failed.value, "saved", None) is None, "a guest the device may still write is not handed on"
+        assert svq.live_resources()["quarantined_bytes"] >= 32 << 20
 
 
 def test_save_refuses_what_it_cannot_capture() -> None:

@@ -1,5 +1,6 @@
 """The ``svq`` command line: ``svq demo`` (the main job), ``svq info DEVICE``, ``svq bench``,
-``svq serve`` (a VMM's vhost-user backend) and ``svq ctl`` (asks a running server)."""
+``svq serve`` (a VMM's vhost-user backend), ``svq ctl`` (asks a running server) and
+``svq migrate`` (the live-migration job)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import threading
 import time
 from typing import Any
 
-from . import bench, blk, net
+from . import bench, blk, migration_job, net
 from ._native import SvqError, live_resources
 from .device import Device
 from .serve import ControlSocket, VhostUserServer, ctl
@@ -219,6 +220,33 @@ def ctl_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def migrate_command(args: argparse.Namespace) -> int:
+    if args.frames < 3 or args.blk_writes < 1 or args.rounds < 0:
+        print("svq migrate: --frames must be >= 3, --blk-writes >= 1 and --rounds >= 0", file=sys.stderr)
+        return 2
+    if args.no_blk and (args.blk_from or args.blk_to):
+        print("svq migrate: --no-blk excludes --blk-from and --blk-to", file=sys.stderr)
+        return 2
+    if not args.no_blk and bool(args.blk_from) != bool(args.blk_to):
+        print("svq migrate: give both --blk-from and --blk-to, or neither", file=sys.stderr)
+        return 2
+    shared = migration_job.default_blk_spec()
+    r = migration_job.run(
+        net_from=args.net_from,
+        net_to=args.net_to,
+        blk_from=None if args.no_blk else args.blk_from or shared,
+        blk_to=None if args.no_blk else args.blk_to or shared,
+        mode=Mode(args.mode),
+        shadow=Mode(args.shadow),
+        frames=args.frames,
+        blk_writes=args.blk_writes,
+        rounds=args.rounds,
+        progress=lambda text: log.info("svq migrate: %s", text),
+    )
+    print(json.dumps(r)) if args.json else migration_job.print_report(r)
+    return 0 if migration_job.ok(r) else 1
+
+
 def _queue_size(text: str) -> int:
     n = int(text)
     if not 1 <= n <= 32768 or n & (n - 1):
@@ -261,6 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="svq against peers, measured in the same run")
     bench.add_arguments(b)
 
+    m = sub.add_parser(
+        "migrate",
+        help="live-migrate a frame stream and blk writes from devices A to devices B",
+        description="A frame stream (net) and blk writes run on devices A; the sessions switch into the shadow, dirty "
+        "rounds run, every device stops and saves, and the guests resume on devices B. Then every frame and written "
+        "sector is accounted for and B's filter is shown to hold A's virtio-net state. Blk starts shadowed: a "
+        "passthrough blk queue with requests in flight cannot be adopted (its device completes out of order).",
+    )
+    m.add_argument("--from", dest="net_from", default="sim:net", help="net device A (default sim:net)")
+    m.add_argument("--to", dest="net_to", default="sim:net", help="net device B (default: another sim:net)")
+    m.add_argument("--blk-from", help="blk device A (default: an embedded blk device on a disk shared with B)")
+    m.add_argument("--blk-to", help="blk device B (it must reach A's disk for the read-back)")
+    m.add_argument("--no-blk", action="store_true", help="migrate the net device alone")
+    m.add_argument("--mode", choices=[x.value for x in Mode], default=Mode.PASSTHROUGH.value,
+                   help="the net data queues' mode on A (default passthrough, as a hypervisor runs a vDPA NIC)")
+    m.add_argument("--shadow", choices=[Mode.TRANSLATE.value, Mode.COPY.value], default=Mode.TRANSLATE.value,
+                   help="the mode passthrough queues switch to for the migration (default translate)")
+    m.add_argument("--frames", type=int, default=20000, help="frames in the stream (default 20000)")
+    m.add_argument("--blk-writes", type=int, default=2000, help="4 KiB writes (default 2000)")
+    m.add_argument("--rounds", type=int, default=3, help="dirty rounds before the stop (default 3)")
+    m.add_argument("--json", action="store_true", help="print one JSON object")
+
     i = sub.add_parser("info", help="describe a device")
     i.add_argument("device", help="sim:net, sim:blk, /dev/vhost-vdpa-N or a vdpa device name")
     i.add_argument("--json", action="store_true", help="print one JSON object")
@@ -284,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
             return serve(args)
         if args.command == "ctl":
             return ctl_command(args)
+        if args.command == "migrate":
+            return migrate_command(args)
         r = info(args)
         print(json.dumps(r)) if args.json else _print_info(r)
         return 0

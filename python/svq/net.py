@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
+from typing import Any
 
 RX, TX, CTRL = 0, 1, 2
 #: ``struct virtio_net_hdr_v1``: VERSION_1 is always negotiated, so 12 bytes.
@@ -28,6 +30,25 @@ def parse_mac(text: str) -> bytes:
 
 def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
+
+
+def state_json(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A tracked virtio-net state (``Session.net_state``) as JSON-ready values: MACs as
+    ``aa:bb:..`` strings, RSS and hash configurations as hex.
+
+    >>> state_json({"mac": b"\\x02\\x00\\x00\\x00\\x00\\x01", "unicast": [], "rss": None})
+    {'mac': '02:00:00:00:00:01', 'unicast': [], 'rss': None}
+    """
+    out: dict[str, Any] = dict(state)
+    if out.get("mac") is not None:
+        out["mac"] = format_mac(out["mac"])
+    for table in ("unicast", "multicast"):
+        if table in out:
+            out[table] = [format_mac(m) for m in out[table]]
+    for key, value in out.items():
+        if isinstance(value, bytes):
+            out[key] = value.hex()
+    return out
 
 
 def frame(dst: bytes, payload: bytes, src: bytes = b"\x02\x00\x00\x00\x00\x01") -> bytes:

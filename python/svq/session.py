@@ -69,9 +69,10 @@ class Driver:
     def wait(self, queue: int, count: int, timeout: float = 10.0, whole: bool = False) -> list[Completion]:
         """Waits for ``count`` completions: ``[(head, length, bytes), ...]`` where bytes
         are the first ``length`` written ones (every writable byte with ``whole``).
-        Raises ``TimeoutError`` (whose ``completions`` attribute holds what did complete),
-        or a :class:`svq.QueueBrokenError` subclass naming the rule a peer broke. Other
-        threads may use the session while this one waits."""
+        Raises ``TimeoutError``, :class:`svq.SessionClosedError`, or a
+        :class:`svq.QueueBrokenError` subclass naming the rule a peer broke; whatever it
+        raises, its ``completions`` attribute holds what did complete. Other threads may
+        use the session while this one waits."""
         return self._s.wait(queue, count, timeout, whole)
 
     def request(
@@ -213,6 +214,19 @@ class Session:
         self.mode = Mode(mode)
         self.copy_strategy = CopyStrategy(copy_strategy)
         modes = [(q, Mode(m).value) for q, m in (queue_modes or {}).items()]
+        #: The guest svq does not own, when the session serves one.
+        self.guest = guest
+        # How the session was configured: a migration starts the next one alike.
+        self._options: dict[str, Any] = {
+            "mode": self.mode,
+            "queue_modes": {q: Mode(m) for q, m in (queue_modes or {}).items()},
+            "copy_strategy": self.copy_strategy,
+            "isolate_cvq": isolate_cvq,
+            "track_net_state": track_net_state,
+            "restore_timeout": restore_timeout,
+            "busy_poll": busy_poll,
+            "guest": guest,
+        }
         self._owns_device = isinstance(device, str)
         self.device = Device(device) if isinstance(device, str) else device
         try:
@@ -361,7 +375,8 @@ class Session:
 
     def dirty_pages(self) -> list[int]:
         """One dirty round: the guest page numbers (address // 4096) written since the
-        last call, cleared."""
+        last call, cleared. After :meth:`save`, one more call gives the pages written
+        while the session stopped (the final round)."""
         return self._s.dirty_pages()
 
     def stop_dirty_log(self) -> None:
@@ -383,14 +398,26 @@ class Session:
         """Stops the session for a migration and returns its device state: the device is
         suspended, chains it never took are given back to the guest rings, requests it
         took and did not complete (a device that completes out of order) are recorded to
-        be submitted again, and the tracked virtio-net state is kept. The session is
-        closed afterwards, even when saving fails. Needs a device that can SUSPEND; on a
-        device that completes out of order every queue must be shadowed."""
+        be submitted again, and the tracked virtio-net state is kept. Needs a device that
+        can SUSPEND; on a device that completes out of order every queue must be
+        shadowed.
+
+        A save that fails before the device stopped for good (a refused suspend, a ring
+        position it cannot read) leaves the session running. Once the device stopped the
+        session is closed, and a failure's ``saved`` attribute holds the state (with
+        svq's own guest) when it could be kept, to resume anywhere."""
         try:
-            return SavedState(self._s.save())
-        finally:
-            if self._owns_device:
+            saved = SavedState(self._s.save())
+        except BaseException as e:
+            native = getattr(e, "saved", None)
+            if isinstance(native, _native.SavedState):
+                e.saved = SavedState(native)  # type: ignore[attr-defined]
+            if self._owns_device and self.closed:
                 self.device.close()
+            raise
+        if self._owns_device:
+            self.device.close()
+        return saved
 
     def close(self) -> None:
         """Stops, resets the device, unmaps everything and wakes every thread waiting on

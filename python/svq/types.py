@@ -91,7 +91,8 @@ class RxModes(TypedDict):
 
 class NetState(TypedDict, total=False):
     """The virtio-net control-plane state tracked from acknowledged commands
-    (``Session.net_state``), and what ``restore=`` takes. MACs are 6-byte lists.
+    (``Session.net_state``), and what ``restore=`` takes. MACs are 6 bytes each
+    (``svq.net.state_json`` gives a JSON-ready copy).
 
     >>> import svq
     >>> with svq.Session("sim:net", queue_modes={2: "copy"}) as s:
@@ -100,9 +101,9 @@ class NetState(TypedDict, total=False):
     '020000000001'
     """
 
-    mac: list[int] | None
-    unicast: list[list[int]]
-    multicast: list[list[int]]
+    mac: bytes | None
+    unicast: list[bytes]
+    multicast: list[bytes]
     mq_pairs: int | None
     rss: bytes | None
     hash: bytes | None

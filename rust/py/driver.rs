@@ -97,20 +97,29 @@ impl Driver {
     /// Waits for `count` completions on queue `q`: a list of (head, length, bytes), the
     /// bytes being the first `length` written ones, or every writable byte with `whole`.
     /// Ctrl-C interrupts it; closing the session from another thread wakes it with
-    /// `SessionClosedError`.
+    /// `SessionClosedError`. Any exception carries what did complete as `completions`.
     #[pyo3(signature = (q, count, timeout_s = 10.0, whole = false))]
     fn wait(&self, py: Python<'_>, q: U32, count: Usize, timeout_s: f64, whole: bool) -> PyResult<Vec<CompletionTuple>> {
         let (q, count, t) = (q.0, count.0, timeout(timeout_s)?);
         let deadline = Instant::now() + t;
         let mut done = Vec::with_capacity(count.min(1 << 16));
+        // What did complete is never lost: on any error (a timeout, the session closed, a
+        // queue broke, Ctrl-C) it rides on the exception as `completions`.
+        let fail = |e: PyErr, done: Vec<Completion>| -> PyResult<Vec<CompletionTuple>> {
+            e.value(py).setattr("completions", tuples(py, done))?;
+            Err(e)
+        };
         // The driver is locked only while the ring is read, never while sleeping.
-        while let Some(call) = self.with(py, |d| d.wait_step(q, count, whole, &mut done))? {
-            let woke = wait_interruptibly(py, deadline, |until| call.wait(until.saturating_duration_since(Instant::now())).then_some(()))?;
-            if woke.is_none() {
-                // What did complete is not lost: it rides on the exception.
-                let e = driver_err(DriverError::Timeout { queue: q, got: done.len(), want: count, waited: t });
-                e.value(py).setattr("completions", tuples(py, done))?;
-                return Err(e);
+        loop {
+            let call = match self.with(py, |d| d.wait_step(q, count, whole, &mut done)) {
+                Ok(Some(call)) => call,
+                Ok(None) => break,
+                Err(e) => return fail(e, done),
+            };
+            match wait_interruptibly(py, deadline, |until| call.wait(until.saturating_duration_since(Instant::now())).then_some(())) {
+                Ok(Some(())) => {}
+                Ok(None) => return fail(driver_err(DriverError::Timeout { queue: q, got: done.len(), want: count, waited: t }), done),
+                Err(e) => return fail(e, done),
             }
         }
         Ok(tuples(py, done))

@@ -21,7 +21,7 @@ use crate::front::driver::DriverError;
 use crate::front::external::{ExternalGuest, ExternalMemory, ExternalQueue};
 use crate::mem::FileRegion;
 
-use crate::session::{Mode, Session as RustSession, SessionConfig, SessionError};
+use crate::session::{Mode, SaveFailed, Session as RustSession, SessionConfig, SessionError};
 use crate::shadow::{QueueHook, Verdict};
 
 pub(super) fn parse_strategy(s: &str) -> PyResult<Strategy> {
@@ -102,6 +102,9 @@ pub(super) struct Session {
     inner: Mutex<Option<RustSession>>,
     /// The Python hooks' callables (see [`HookFns`]).
     hooks: Mutex<Vec<HookFns>>,
+    /// The dirty log attached last: its final round is read after a save stopped the
+    /// session.
+    log: Mutex<Option<Arc<crate::dirty::DirtyLog>>>,
 }
 
 impl Session {
@@ -239,7 +242,7 @@ impl Session {
             }
             (None, None) => py.detach(|| RustSession::start(dev, &cfg)).map_err(to_py)?,
         };
-        Ok(Session { inner: Mutex::new(Some(s)), hooks: Mutex::new(Vec::new()) })
+        Ok(Session { inner: Mutex::new(Some(s)), hooks: Mutex::new(Vec::new()), log: Mutex::new(None) })
     }
 
     /// The queues served and their modes, as (index, mode name).
@@ -426,18 +429,23 @@ impl Session {
     /// Attaches a dirty log of svq's own covering all of guest memory (or detaches it
     /// with `on=False`).
     fn dirty_log(&self, py: Python<'_>, on: bool) -> PyResult<()> {
-        self.with(py, |s| {
+        let log = self.with(py, |s| {
             let log = if on { Some(Arc::new(crate::dirty::DirtyLog::new(s.guest_end())?)) } else { None };
-            s.set_dirty_log(log)
-        })
+            s.set_dirty_log(log.clone())?;
+            Ok(log)
+        })?;
+        *lock(&self.log) = log;
+        Ok(())
     }
 
     /// The guest pages written since the last call (one dirty round), and clears them.
+    /// After a save, one more call gives the pages written while the session stopped.
     fn dirty_pages(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
-        self.with(py, |s| match s.dirty_log() {
-            Some(log) => Ok(log.fetch_and_clear()),
-            None => Err(SessionError::Invalid("no dirty log is attached: call dirty_log(True) first".into())),
-        })
+        let log = lock(&self.log).clone();
+        match log {
+            Some(log) => Ok(py.detach(|| log.fetch_and_clear())),
+            None => Err(PyValueError::new_err("no dirty log is attached: call dirty_log(True) first")),
+        }
     }
 
     /// Stops the session to hand its guest rings over (see the Rust
@@ -465,19 +473,29 @@ impl Session {
     }
 
     /// Stops the session and returns its device state (see the Rust `Session::save`),
-    /// carrying svq's own guest when the session played it.
+    /// carrying svq's own guest when the session played it. A failure after the device
+    /// stopped carries the state, when it could be kept, as the exception's `saved`.
     fn save(&self, py: Python<'_>) -> PyResult<SavedState> {
-        let saved = py
-            .detach(|| {
-                let mut g = lock(&self.inner);
-                let s = g.as_mut().ok_or(SessionError::Closed)?;
-                let r = s.save();
-                // A failed save closed the session all the same.
+        let r = py.detach(|| {
+            let mut g = lock(&self.inner);
+            let s = g.as_mut().ok_or_else(|| Box::new(SaveFailed { error: SessionError::Closed, saved: None }))?;
+            let r = s.save();
+            // A save that failed early leaves the session running; otherwise it is closed.
+            if r.is_ok() || s.is_closed() {
                 g.take();
-                r
-            })
-            .map_err(to_py)?;
-        Ok(SavedState::new(saved))
+            }
+            r
+        });
+        match r {
+            Ok(saved) => Ok(SavedState::new(saved)),
+            Err(f) => {
+                let e = to_py(f.error);
+                if let Some(saved) = f.saved {
+                    e.value(py).setattr("saved", Py::new(py, SavedState::new(saved))?)?;
+                }
+                Err(e)
+            }
+        }
     }
 
     /// Stops the engine, resets the device, unmaps everything and wakes every waiter.

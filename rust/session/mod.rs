@@ -27,7 +27,7 @@ use nix::errno::Errno;
 
 pub use negotiate::guest_offer;
 pub use placement::CvqInfo;
-pub use save::{ResumeFailed, Saved};
+pub use save::{ResumeFailed, SaveFailed, Saved};
 pub use switch::SwitchReport;
 
 use crate::bounce::Strategy;
@@ -303,6 +303,12 @@ impl Session {
                 Err(Box::new(StartFailed { error, driver: None, positions: Vec::new() }))
             }
         }
+    }
+
+    /// Whether the session was closed (by `close`, or by a save or hand-over that
+    /// stopped it).
+    pub fn is_closed(&self) -> bool {
+        self.closed
     }
 
     /// The queues served, by index, with their modes.

@@ -33,49 +33,62 @@ impl Session {
     /// its rings have nothing in flight; a device that completes out of order (blk) may
     /// hold requests, which the next session submits again. Such a device's queues must
     /// be shadowed (a passthrough ring's requests in the device cannot be known).
-    pub fn save(&mut self) -> Result<Saved, SessionError> {
+    ///
+    /// A save that fails before the device stopped for good (a refused suspend, an
+    /// unreadable ring position) leaves the session running. Once it stopped, the
+    /// session is closed whatever happens, and a failure still carries the state when
+    /// the guest could be kept.
+    pub fn save(&mut self) -> Result<Saved, Box<SaveFailed>> {
+        let fail = |error: SessionError| Box::new(SaveFailed { error, saved: None });
         if self.closed {
-            return Err(SessionError::Closed);
+            return Err(fail(SessionError::Closed));
         }
         if self.engine.as_ref().is_some_and(Engine::on_engine_thread) {
-            return Err(SessionError::Invalid("a session cannot be saved from its own hook".into()));
+            return Err(fail(SessionError::Invalid("a session cannot be saved from its own hook".into())));
         }
         if !has(self.backend_features, bf::SUSPEND) {
-            return Err(SessionError::Negotiation("saving a device's state needs a device that can SUSPEND".into()));
+            return Err(fail(SessionError::Negotiation("saving a device's state needs a device that can SUSPEND".into())));
         }
         let dev = self.device.clone();
-        let id = dev.device_id()?;
+        let id = dev.device_id().map_err(|e| fail(e.into()))?;
         let passthrough: Vec<u32> = self.modes.iter().filter(|(_, m)| *m == Mode::Passthrough).map(|(q, _)| *q).collect();
         if id != device_id::NET && !passthrough.is_empty() {
-            return Err(SessionError::Invalid(format!(
+            return Err(fail(SessionError::Invalid(format!(
                 "queues {passthrough:?} are passthrough on a device that completes out of order: switch them to the shadow before saving"
-            )));
+            ))));
         }
-        dev.suspend()?;
-        let mut state =
-            DeviceState { version: STATE_VERSION, device_id: id, features: self.guest_features, queues: Vec::new(), net: self.net_state() };
+        dev.suspend().map_err(|e| fail(e.into()))?;
+        // Every ring's position is read before anything stops: a device that cannot say
+        // where it stands is resumed and the session goes on.
         let mut bases = Vec::new();
-        for &q in &passthrough {
+        for &(q, _) in &self.modes {
             match dev.vring_base(q) {
                 Ok(base) => bases.push((q, base)),
                 Err(e) => {
-                    drop(self.hand_over(true));
-                    return Err(e.into());
+                    return Err(fail(match dev.resume() {
+                        Ok(()) => e.into(),
+                        Err(r) => SessionError::Invalid(format!("{e}; and the device did not resume: {r}")),
+                    }));
                 }
             }
         }
-        let size_of = |s: &Session, q: u32| s.guest_queues.iter().find(|g| g.index == q).map_or(0, |g| g.layout.size());
-        for (q, base) in bases {
-            state.queues.push(QueueState { index: q, size: size_of(self, q), avail: base, used: base, inflight: Vec::new() });
-        }
+        let mut state =
+            DeviceState { version: STATE_VERSION, device_id: id, features: self.guest_features, queues: Vec::new(), net: self.net_state() };
         let sizes: Vec<(u32, u16)> = self.guest_queues.iter().map(|g| (g.index, g.layout.size())).collect();
+        let size_of = |q: u32| sizes.iter().find(|(i, _)| *i == q).map_or(0, |(_, n)| *n);
+        for (q, base) in bases.into_iter().filter(|(q, _)| passthrough.contains(q)) {
+            state.queues.push(QueueState { index: q, size: size_of(q), avail: base, used: base, inflight: Vec::new() });
+        }
         let handed = self.hand_over(true);
         for (p, heads) in handed.positions {
-            let size = sizes.iter().find(|(q, _)| *q == p.queue).map_or(0, |(_, n)| *n);
-            state.queues.push(QueueState { index: p.queue, size, avail: p.avail, used: p.used, inflight: heads });
+            state.queues.push(QueueState { index: p.queue, size: size_of(p.queue), avail: p.avail, used: p.used, inflight: heads });
         }
         state.queues.sort_by_key(|q| q.index);
-        handed.result.map(|()| Saved { state, driver: handed.driver })
+        let saved = handed.driver.map(|driver| Saved { state: state.clone(), driver: Some(driver) });
+        match handed.result {
+            Ok(()) => Ok(saved.unwrap_or(Saved { state, driver: None })),
+            Err(error) => Err(Box::new(SaveFailed { error, saved })),
+        }
     }
 
     /// Stops the engine and closes, leaving every guest ring as a next session finds it:
@@ -104,6 +117,16 @@ impl Session {
             .collect();
         HandedOver { result: stopped.result, positions, driver: stopped.driver }
     }
+}
+
+/// A failed [`Session::save`]: why, and, when the session stopped with its guest
+/// provably out of the device's reach, the state to resume elsewhere.
+#[derive(Debug)]
+pub struct SaveFailed {
+    /// What failed.
+    pub error: SessionError,
+    /// The state and svq's own guest, when they could be kept.
+    pub saved: Option<Saved>,
 }
 
 /// A failed [`Session::resume_saved`]: why, and the guest back as it now stands (`None`
