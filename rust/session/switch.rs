@@ -100,13 +100,36 @@ impl Session {
         let stats = self.stats.iter().find(|(i, _)| *i == q).map_or_else(|| Arc::new(QueueStats::default()), |(_, s)| s.clone());
         dev.set_vring_enable(q, false)?;
         let regions = self.regions.clone();
-        let mut sq = self.shadow_queue(&gq, size, &mem, &regions, stats, forwarding, 0, self.copy_strategy)?;
-        sq.set_dirty_log(self.log.clone());
-        dev.set_vring_enable(q, true)?;
-        let engine = self.engine.as_mut().ok_or(SessionError::Closed)?;
-        engine.adopt(sq).map_err(super::os("engine takes a queue"))?;
+        let adopted = self.shadow_queue(&gq, size, &mem, &regions, stats, forwarding, 0, self.copy_strategy).and_then(|mut sq| {
+            sq.set_dirty_log(self.log.clone());
+            dev.set_vring_enable(q, true)?;
+            let engine = self.engine.as_mut().ok_or(SessionError::Closed)?;
+            engine.adopt(sq).map_err(super::os("engine takes a queue"))
+        });
+        if let Err(e) = adopted {
+            // The queue stays passthrough: back on the guest ring from where it stood.
+            let back = self.point_at_guest_ring(&gq, base);
+            self.retire_shadow_ring(q);
+            return Err(match back {
+                Ok(()) => e,
+                Err(b) => SessionError::Invalid(format!("{e}; and queue {q} could not go back to its guest ring: {b}")),
+            });
+        }
         self.set_mode(q, mode);
         Ok(base)
+    }
+
+    /// Points the device's queue (suspended) at the guest ring, from avail index `base`.
+    fn point_at_guest_ring(&self, gq: &crate::front::GuestQueue, base: u16) -> Result<(), SessionError> {
+        let (dev, q) = (&self.device, gq.index);
+        dev.set_vring_enable(q, false)?;
+        dev.set_vring_num(q, gq.layout.size())?;
+        dev.set_vring_base(q, base)?;
+        dev.set_vring_addr(q, gq.desc, gq.avail, gq.used)?;
+        dev.set_vring_kick(q, Some(std::os::fd::AsFd::as_fd(&*gq.kick)))?;
+        dev.set_vring_call(q, Some(std::os::fd::AsFd::as_fd(&*gq.call)))?;
+        dev.set_vring_enable(q, true)?;
+        Ok(())
     }
 
     /// Points shadowed queue `q` (device suspended) back at the guest ring; its position.
@@ -126,13 +149,7 @@ impl Session {
         let _ = sq.stop(StopReason::Stopped, true);
         let (avail, used) = sq.guest_position();
         drop(sq);
-        dev.set_vring_enable(q, false)?;
-        dev.set_vring_num(q, gq.layout.size())?;
-        dev.set_vring_base(q, avail)?;
-        dev.set_vring_addr(q, gq.desc, gq.avail, gq.used)?;
-        dev.set_vring_kick(q, Some(std::os::fd::AsFd::as_fd(&*gq.kick)))?;
-        dev.set_vring_call(q, Some(std::os::fd::AsFd::as_fd(&*gq.call)))?;
-        dev.set_vring_enable(q, true)?;
+        self.point_at_guest_ring(&gq, avail)?;
         self.retire_shadow_ring(q);
         self.set_mode(q, Mode::Passthrough);
         if avail != used {
