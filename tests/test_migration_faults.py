@@ -69,7 +69,7 @@ def test_a_failed_dirty_round_cancels_the_migration() -> None:
             migrate([s], [b], rounds=3, on_round=copy_fails)
         assert failed.value.step == "dirty_round" and isinstance(failed.value.__cause__, OSError)
         assert s.modes[net.RX] == svq.Mode.PASSTHROUGH, "switched back"
-        with pytest.raises(ValueError, match="no dirty log|passthrough"):
+        with pytest.raises(ValueError, match=r"no dirty log|passthrough"):
             s.start_dirty_log()  # the log went away with the shadow
         still_serves(s)
         s.close()

@@ -19,6 +19,7 @@ from ._native import SvqError, live_resources
 from .device import Device
 from .serve import ControlSocket, VhostUserServer, ctl
 from .session import CopyStrategy, Mode, Session
+from .types import DeviceInfo
 
 log = logging.getLogger(__name__)
 
@@ -142,12 +143,12 @@ def _demo_ok(r: dict[str, Any]) -> bool:
     )
 
 
-def info(args: argparse.Namespace) -> dict[str, Any]:
+def info(args: argparse.Namespace) -> DeviceInfo:
     with Device(args.device) as d:
         return d.info()
 
 
-def _print_info(i: dict[str, Any]) -> None:
+def _print_info(i: DeviceInfo) -> None:
     first, last = i["iova_range"]
     print(f"{i['device']}: virtio-{i['class']} (device id {i['device_id']})")
     print(f"  features        : {' '.join(i['features'])}")
@@ -336,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             return ctl_command(args)
         if args.command == "migrate":
             return migrate_command(args)
-        r = info(args)
-        print(json.dumps(r)) if args.json else _print_info(r)
+        described = info(args)
+        print(json.dumps(described)) if args.json else _print_info(described)
         return 0
     except (OSError, ValueError, SvqError, ConnectionError) as e:
         print(f"svq {args.command}: {e}", file=sys.stderr)

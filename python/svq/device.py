@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from . import _native
 from .features import backend_feature_names, decode_config, device_class, feature_names
+from .types import DeviceInfo
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class Device:
         """Whether this is the embedded userspace device."""
         return self._native.embedded
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> DeviceInfo:
         """What a vDPA engineer needs about the device, decoded."""
         raw = self._native.probe()
         device_id = raw["device_id"]

@@ -24,7 +24,7 @@ from typing import Any
 from . import _native
 from .device import Device
 from .session import CopyStrategy, Mode
-from .types import QueueFault
+from .types import QueueFault, ServerReport
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class VhostUserServer:
         """Stops serving (safe from any thread, or a signal handler)."""
         self._s.stop()
 
-    def report(self) -> dict[str, Any]:
+    def report(self) -> ServerReport:
         """What the server does now: ``connected``, ``connections``, ``sessions_started``,
         ``running``, ``features``, ``protocol_features``, ``status``,
         ``guest_memory_bytes``, ``queues`` (index, mode, counters, fault) and ``events``

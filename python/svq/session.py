@@ -12,7 +12,17 @@ from typing import Any
 from . import _native
 from .device import Device
 from .front import ExternalGuest
-from .types import CvqInfo, DeviceState, GuestRing, MappingInfo, NetState, QueueFault, QueuePosition, QueueStats
+from .types import (
+    CvqInfo,
+    DeviceState,
+    GuestRing,
+    MappingInfo,
+    NetState,
+    QueueFault,
+    QueuePosition,
+    QueueStats,
+    SwitchResult,
+)
 
 log = logging.getLogger(__name__)
 
@@ -358,7 +368,7 @@ class Session:
     def closed(self) -> bool:
         return self._s.closed
 
-    def switch(self, queues: Sequence[int], mode: Mode | str) -> dict[str, Any]:
+    def switch(self, queues: Sequence[int], mode: Mode | str) -> SwitchResult:
         """Switches running ``queues`` between passthrough and the shadow without losing,
         duplicating or reordering an element (one device suspend for all of them; guest
         memory is not remapped, so the cost does not grow with the guest's size). Returns

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Any, Literal, TypedDict
 
 #: How a queue reaches the device.
 ModeName = Literal["translate", "copy", "passthrough"]
@@ -168,6 +168,69 @@ class DeviceState(TypedDict):
     features: int
     queues: list[SavedQueue]
     net: NetState | None
+
+
+#: A device described (``Device.info``, ``svq info``): its class ("net", "blk" or
+#: "id N"), feature names and raw bits, queues, groups, address spaces, the IOVA range and
+#: the decoded config space (net: ``mac``, ``status``, ``max_virtqueue_pairs``, ``mtu``;
+#: blk: ``capacity``, ``size_max``, ``seg_max``, ``blk_size``). (The functional form: one
+#: key is ``class``.)
+#:
+#: >>> import svq
+#: >>> with svq.Device("sim:blk") as d:
+#: ...     info = d.info()
+#: ...     (info["class"], info["num_queues"], info["config"]["capacity"])
+#: ('blk', 1, 262144)
+DeviceInfo = TypedDict(
+    "DeviceInfo",
+    {
+        "device": str,
+        "device_id": int,
+        "class": str,
+        "features": list[str],
+        "features_raw": int,
+        "backend_features": list[str],
+        "backend_features_raw": int,
+        "num_queues": int,
+        "max_queue_size": int,
+        "groups": int,
+        "address_spaces": int,
+        "vq_groups": list[int],
+        "iova_range": list[int],
+        "config": dict[str, Any],
+    },
+)
+
+
+class SwitchResult(TypedDict):
+    """What a live switch did (``Session.switch``): each queue that changed mode with its
+    ring position at the switch, and how long the device was suspended."""
+
+    queues: list[tuple[int, int]]
+    suspended_s: float
+
+
+class ServedQueue(QueueStats):
+    """One queue of a vhost-user server's report: its index, mode, counters and fault."""
+
+    index: int
+    mode: ModeName
+    fault: QueueFault | None
+
+
+class ServerReport(TypedDict):
+    """What a vhost-user server does now (``VhostUserServer.report``, ``svq ctl info``)."""
+
+    connected: bool
+    connections: int
+    sessions_started: int
+    running: bool
+    features: int
+    protocol_features: int
+    status: int
+    guest_memory_bytes: int
+    queues: list[ServedQueue]
+    events: list[str]
 
 
 class LiveResources(TypedDict):
