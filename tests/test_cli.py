@@ -1,13 +1,15 @@
-"""The command line: `svq demo` and `svq info`."""
+"""The command line: `svq demo`, `svq info`, `svq migrate`, `svq --version`."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
 
 import pytest
 
+import svq
 from svq.cli import main
 
 
@@ -74,3 +76,33 @@ def test_demo_with_a_small_queue_and_bad_sizes(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         main(["demo", "--queue-size", "100"])
     assert "not a power of two" in capsys.readouterr().err
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert svq.__version__ == importlib.metadata.version("svq")
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"svq {svq.__version__}"
+
+
+def test_migrate_json() -> None:
+    r = run("migrate", "--frames", "3000", "--blk-writes", "200", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    for key in ["frames_sent", "frames_received", "frames_lost", "frames_duplicated", "blk_verified", "net_state_equal",
+                "switch_ms", "downtime_ms", "dirty_pages"]:
+        assert key in out, key
+    assert out["frames_sent"] == out["frames_received"] >= 3000, "at least the frames asked, on until the migration is over"
+    assert out["frames_lost"] == out["frames_duplicated"] == 0
+    assert out["blk_verified"] is True and out["net_state_equal"] is True and out["filter_verified"] is True
+    assert out["net_state"]["mac"] == "02:5a:51:00:00:01" and out["net_state"]["vlans"] == [5, 7]
+    assert 0 < out["switch_ms"] and 0 < out["downtime_ms"] and out["dirty_pages"] > 0
+
+
+def test_migrate_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["migrate", "--frames", "1"]) == 2
+    assert main(["migrate", "--no-blk", "--blk-from", "sim:blk"]) == 2
+    assert main(["migrate", "--blk-from", "sim:blk"]) == 2
+    assert main(["migrate", "--to", "sim:blk", "--no-blk"]) == 1
+    assert "not a virtio-net device" in capsys.readouterr().err

@@ -18,6 +18,7 @@ True
 from . import net, types
 from ._native import (
     FAULT_RULES,
+    VERSION,
     DeviceBusyError,
     DeviceNeedsResetError,
     DeviceProtocolError,
@@ -37,6 +38,9 @@ from .device import Device, open_device
 from .front import ExternalGuest, GuestQueue, MemoryRegion
 from .serve import ControlSocket, VhostUserServer
 from .session import CopyStrategy, Driver, Mode, SavedState, Session
+
+#: The version of svq (its Rust core's; the wheel carries the same).
+__version__ = VERSION
 
 __all__ = [
     "FAULT_RULES",
@@ -64,6 +68,7 @@ __all__ = [
     "StateError",
     "SvqError",
     "VhostUserServer",
+    "__version__",
     "live_resources",
     "net",
     "open_device",

@@ -38,6 +38,7 @@ __all__ = [
     "SessionClosedError",
     "StateError",
     "SvqError",
+    "VERSION",
     "VhostUserServer",
     "bench_copy",
     "bench_forward",
@@ -71,6 +72,7 @@ class RestoreError(SvqError): ...
 class StateError(SvqError): ...
 
 FAULT_RULES: list[str]
+VERSION: str
 
 @final
 class Device:

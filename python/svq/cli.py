@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from . import bench, blk, migration_job, net
-from ._native import SvqError, live_resources
+from ._native import VERSION, SvqError, live_resources
 from .device import Device
 from .serve import ControlSocket, VhostUserServer, ctl
 from .session import CopyStrategy, Mode, Session
@@ -258,6 +258,7 @@ def _queue_size(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="svq", description="Shadow virtqueues for vhost-vdpa devices.")
     p.add_argument("-v", "--verbose", action="store_true", help="log what svq does")
+    p.add_argument("--version", action="version", version=f"svq {VERSION}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="loopback frames, change the MAC, write/read blk sectors")

@@ -48,6 +48,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<driver::Driver>()?;
     m.add_class::<state::SavedState>()?;
     m.add_class::<serve::VhostUserServer>()?;
+    m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(live_resources, m)?)?;
     m.add_function(wrap_pyfunction!(fail_eventfd_at, m)?)?;
     #[cfg(feature = "bench")]
