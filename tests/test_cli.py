@@ -65,6 +65,23 @@ def test_info_json(dev: str, cls: str) -> None:
         assert i["config"]["capacity"] == 262144 and i["config"]["seg_max"] == 32
 
 
+@pytest.mark.parametrize("dev, first, config", [
+    ("sim:net", "sim:net: type network device_id 1 max_vqs 3 max_vq_size 256 groups 2 address_spaces 2",
+     "  mac 52:54:00:12:34:56 link up max_vq_pairs 1 mtu 1500"),
+    ("sim:blk", "sim:blk: type block device_id 2 max_vqs 1 max_vq_size 256 groups 1 address_spaces 1",
+     "  capacity 262144 size_max 4096 seg_max 32 blk_size 512"),
+])
+def test_info_reads_like_vdpa_dev_show(dev: str, first: str, config: str) -> None:
+    r = run("info", dev)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[:2] == [first, config]
+    assert lines[2].startswith("  features ") and "VERSION_1" in lines[2].split()
+    assert lines[3].startswith("  backend_features ") and "SUSPEND" in lines[3].split()
+    assert lines[4].startswith("  vq_groups vq0:0")
+    assert lines[5] == "  iova_range 0x0-0xffffffffffffffff"
+
+
 def test_info_missing_device() -> None:
     r = run("info", "/dev/vhost-vdpa-99")
     assert r.returncode == 1 and "No such file" in r.stderr

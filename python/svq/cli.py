@@ -148,17 +148,27 @@ def info(args: argparse.Namespace) -> DeviceInfo:
         return d.info()
 
 
+_TYPES = {"net": "network", "blk": "block"}
+
+
 def _print_info(i: DeviceInfo) -> None:
+    """The layout of iproute2's ``vdpa dev show`` and ``vdpa dev config show``: the device
+    line, its config line, then features by name, queue groups and address spaces."""
     first, last = i["iova_range"]
-    print(f"{i['device']}: virtio-{i['class']} (device id {i['device_id']})")
-    print(f"  features        : {' '.join(i['features'])}")
-    print(f"  backend features: {' '.join(i['backend_features'])}")
-    print(f"  queues          : {i['num_queues']} (max size {i['max_queue_size']})")
-    groups = ", ".join(f"vq{q}→group {g}" for q, g in enumerate(i["vq_groups"]))
-    print(f"  groups          : {i['groups']} ({groups})")
-    print(f"  address spaces  : {i['address_spaces']}")
-    print(f"  IOVA range      : {first:#x}..{last:#x}")
-    print(f"  config          : {', '.join(f'{k}={v}' for k, v in i['config'].items())}")
+    kind = _TYPES.get(i["class"], i["class"])
+    print(f"{i['device']}: type {kind} device_id {i['device_id']} max_vqs {i['num_queues']} "
+          f"max_vq_size {i['max_queue_size']} groups {i['groups']} address_spaces {i['address_spaces']}")
+    cfg = dict(i["config"])
+    if i["class"] == "net":
+        link = "up" if cfg.get("status", 1) & 1 else "down"
+        line = f"mac {cfg.get('mac')} link {link} max_vq_pairs {cfg.get('max_virtqueue_pairs')} mtu {cfg.get('mtu')}"
+    else:
+        line = " ".join(f"{k} {v}" for k, v in cfg.items())
+    print(f"  {line}")
+    print(f"  features {' '.join(i['features'])}")
+    print(f"  backend_features {' '.join(i['backend_features'])}")
+    print(f"  vq_groups {' '.join(f'vq{q}:{g}' for q, g in enumerate(i['vq_groups']))}")
+    print(f"  iova_range {first:#x}-{last:#x}")
 
 
 def _queue_mode(text: str) -> tuple[int, Mode]:
