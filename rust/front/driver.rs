@@ -2,6 +2,7 @@
 //! kicks, waits for calls and reaps completions. It plays the guest for the demo, the
 //! tests and the benchmarks, through batch operations (never a call per descriptor).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,8 +80,8 @@ pub struct Completion {
 struct Posted {
     /// Guest buffers (address, length, writable), in chain order.
     bufs: Vec<Buf>,
-    /// Arena allocations to free.
-    allocs: Vec<u64>,
+    /// Arena allocations to free: (address, pages).
+    allocs: Vec<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -96,6 +97,10 @@ pub struct Driver {
     mem: Arc<GuestMemory>,
     queues: Vec<DriverQueue>,
     arena: IovaAllocator,
+    /// Freed buffers kept for reuse, by size in pages: posting a buffer costs a pop, not
+    /// an allocator walk. Given back to the arena when it runs out.
+    spare: HashMap<u64, Vec<u64>>,
+    spares: usize,
 }
 
 impl Driver {
@@ -137,7 +142,7 @@ impl Driver {
             let writer = RingWriter::new(mem.vring(layout, spec.desc, spec.avail, spec.used)?, 0, event_idx);
             queues.push(DriverQueue { spec, writer, posted: (0..size).map(|_| None).collect() });
         }
-        Ok(Driver { mem, queues, arena })
+        Ok(Driver { mem, queues, arena, spare: HashMap::new(), spares: 0 })
     }
 
     /// The guest memory.
@@ -154,11 +159,26 @@ impl Driver {
         self.queues.get_mut(q as usize).ok_or(DriverError::NoQueue(q))
     }
 
-    fn alloc(&mut self, len: usize) -> Result<u64, DriverError> {
+    /// A buffer of `len` bytes in guest memory: (address, pages).
+    fn alloc(&mut self, len: usize) -> Result<(u64, u64), DriverError> {
         if len > u32::MAX as usize {
             return Err(DriverError::TooLong(len));
         }
-        self.arena.alloc(len.max(1) as u64, 0, None, Perm::ReadWrite).map(|m| m.iova).map_err(|_| DriverError::NoMemory(len as u64))
+        let pages = (len.max(1) as u64).div_ceil(PAGE_SIZE);
+        if let Some(addr) = self.spare.get_mut(&pages).and_then(Vec::pop) {
+            self.spares -= 1;
+            return Ok((addr, pages));
+        }
+        let mut placed = self.arena.alloc(pages * PAGE_SIZE, 0, None, Perm::ReadWrite);
+        if placed.is_err() && self.spares > 0 {
+            // Spare buffers of other sizes go back to the arena, and it is asked again.
+            for addr in std::mem::take(&mut self.spare).into_values().flatten() {
+                let _ = self.arena.remove(addr);
+            }
+            self.spares = 0;
+            placed = self.arena.alloc(pages * PAGE_SIZE, 0, None, Perm::ReadWrite);
+        }
+        placed.map(|m| (m.iova, pages)).map_err(|_| DriverError::NoMemory(len as u64))
     }
 
     /// Posts one chain: each `out` part in its own device-readable buffer, then one
@@ -178,8 +198,8 @@ impl Driver {
         let mut posted = Posted::default();
         let res = self.fill(&mut posted, out, in_sizes).and_then(|_| {
             let n = posted.bufs.len();
-            let table = self.alloc(n * 16)?;
-            posted.allocs.push(table);
+            let (table, pages) = self.alloc(n * 16)?;
+            posted.allocs.push((table, pages));
             let mut bytes = Vec::with_capacity(n * 16);
             for (i, b) in posted.bufs.iter().enumerate() {
                 let mut flags = if b.write { VRING_DESC_F_WRITE } else { 0 };
@@ -222,22 +242,23 @@ impl Driver {
             return Err(DriverError::Invalid("a buffer of 0 bytes cannot be posted: virtio forbids zero-length descriptors".into()));
         }
         for part in out {
-            let addr = self.alloc(part.len())?;
-            posted.allocs.push(addr);
+            let (addr, pages) = self.alloc(part.len())?;
+            posted.allocs.push((addr, pages));
             self.mem.write(addr, part)?;
             posted.bufs.push(Buf { addr, len: part.len() as u32, write: false });
         }
         for &n in in_sizes {
-            let addr = self.alloc(n as usize)?;
-            posted.allocs.push(addr);
+            let (addr, pages) = self.alloc(n as usize)?;
+            posted.allocs.push((addr, pages));
             posted.bufs.push(Buf { addr, len: n, write: true });
         }
         Ok(())
     }
 
     fn free(&mut self, posted: &Posted) {
-        for a in &posted.allocs {
-            let _ = self.arena.remove(*a);
+        for &(addr, pages) in &posted.allocs {
+            self.spare.entry(pages).or_default().push(addr);
+            self.spares += 1;
         }
     }
 
@@ -326,6 +347,6 @@ impl Driver {
 
     /// Live buffer allocations in guest memory (rings included).
     pub fn live_buffers(&self) -> usize {
-        self.arena.len()
+        self.arena.len() - self.spares
     }
 }
