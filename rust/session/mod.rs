@@ -532,13 +532,13 @@ pub(crate) enum GuestSource {
     /// A guest svq does not own.
     External(ExternalGuest),
     /// svq's own guest, moving in from a saved session (`Session::resume_saved`).
-    Resumed(Driver),
+    Resumed(Box<Driver>),
 }
 
 impl GuestSource {
     fn into_driver(self) -> Option<Driver> {
         match self {
-            GuestSource::Resumed(d) => Some(d),
+            GuestSource::Resumed(d) => Some(*d),
             _ => None,
         }
     }

@@ -151,7 +151,7 @@ impl Session {
             return Err(Box::new(ResumeFailed { error, saved: Some(Saved { state, driver: None }) }));
         };
         let cfg = SessionConfig { resume: Some(state.clone()), ..cfg.clone() };
-        Self::start_with(device, &cfg, GuestSource::Resumed(driver)).map_err(|f| {
+        Self::start_with(device, &cfg, GuestSource::Resumed(Box::new(driver))).map_err(|f| {
             let mut state = state;
             for (p, heads) in f.positions {
                 if let Some(q) = state.queues.iter_mut().find(|q| q.index == p.queue) {

@@ -32,7 +32,7 @@ impl Session {
                 queues.iter().for_each(|q| q.health.clear());
                 let features = cfg.resume.as_ref().map_or(0, |s| s.features);
                 let memory = driver.memory().clone();
-                self.driver = Some(driver);
+                self.driver = Some(*driver);
                 Some(Guest { memory, queues, features })
             }
             GuestSource::InProcess => None,
