@@ -483,3 +483,230 @@ impl Worker {
         Handled::Nothing
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::device::sim::Misbehaviour;
+    use crate::fault::FaultKind;
+    use crate::shadow::testkit::{frame, Rig, PATIENCE};
+    use crate::shadow::{Forwarding, StopReason, Verdict};
+
+    /// An engine over `queues`, watching every guest ring of `rig`.
+    fn engine(rig: &Rig, queues: Vec<ShadowQueue>) -> Engine {
+        Engine::start(queues, rig.device(), rig.config_call(), rig.watched(), Duration::from_micros(50)).unwrap()
+    }
+
+    /// The net device's RX (0) and TX (1) queues, translated; the device started.
+    fn net() -> (Rig, ShadowQueue, ShadowQueue) {
+        let mut rig = Rig::net(true);
+        let rx = rig.queue(0, Forwarding::Translate, 64, 64);
+        let tx = rig.queue(1, Forwarding::Translate, 64, 64);
+        rig.start();
+        (rig, rx, tx)
+    }
+
+    fn post_buffers(rig: &mut Rig, n: u32) {
+        for _ in 0..n {
+            rig.add(0, &[], &[2048]);
+        }
+        rig.publish(0);
+    }
+
+    /// Posts `n` frames numbered from `seq` on TX (each in two buffers); the frames.
+    fn post_frames(rig: &mut Rig, seq: u32, n: u32) -> Vec<Vec<u8>> {
+        let frames: Vec<Vec<u8>> = (seq..seq + n).map(|i| frame(60 + (37 * i as usize) % 1400, i)).collect();
+        for f in &frames {
+            rig.add(1, &[&f[..12], &f[12..]], &[]);
+        }
+        rig.publish(1);
+        frames
+    }
+
+    /// Waits for `frames` back on RX, in order, and their TX completions.
+    fn received(rig: &mut Rig, frames: &[Vec<u8>]) {
+        let got = rig.wait(0, frames.len());
+        for (d, f) in got.iter().zip(frames) {
+            assert_eq!(&d.data[..d.len as usize], &f[..]);
+        }
+        assert!(rig.wait(1, frames.len()).iter().all(|d| d.len == 0));
+    }
+
+    fn indices(queues: &[ShadowQueue]) -> Vec<u32> {
+        let mut v: Vec<u32> = queues.iter().map(|q| q.index).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Attaches `hook` to queue `q` through the engine, and waits until it is in place.
+    fn hook(e: &Engine, q: u32, hook: Box<dyn QueueHook>) {
+        let done = Arc::new(InjectSlot::default());
+        e.submit(vec![Request::Hook { queue: q, hook, done: done.clone() }]);
+        assert_eq!(done.wait_until(Instant::now() + PATIENCE), Some(Ok((0, Vec::new()))));
+    }
+
+    #[test]
+    fn an_engine_forwards_guest_and_injected_traffic_and_stop_returns_its_queues() {
+        let (mut rig, rx, tx) = net();
+        let e = engine(&rig, vec![rx, tx]);
+        for round in 0..4 {
+            post_buffers(&mut rig, 16);
+            let frames = post_frames(&mut rig, round * 16, 16);
+            received(&mut rig, &frames);
+        }
+        // svq's own frame on TX loops back to the guest's RX like any other.
+        post_buffers(&mut rig, 1);
+        let own = frame(80, 999);
+        let slot = Arc::new(InjectSlot::default());
+        e.submit(vec![Request::Inject { queue: 1, out: own.clone(), in_len: 0, slot: slot.clone() }]);
+        assert_eq!(slot.wait_until(Instant::now() + PATIENCE), Some(Ok((0, Vec::new()))));
+        let got = rig.wait(0, 1);
+        assert_eq!(&got[0].data[..got[0].len as usize], &own[..]);
+        // A request for a queue the engine does not shadow is refused.
+        let other = Arc::new(InjectSlot::default());
+        e.submit(vec![Request::Inject { queue: 2, out: vec![1], in_len: 1, slot: other.clone() }]);
+        assert!(matches!(other.wait_until(Instant::now() + PATIENCE), Some(Err(InjectError::Invalid(_)))));
+        let queues = e.stop();
+        assert_eq!(indices(&queues), [0, 1]);
+        let elements: Vec<u64> = queues.iter().map(|q| q.stats().elements.load(Ordering::Relaxed)).collect();
+        assert_eq!(elements, [65, 65]);
+        assert!(queues.iter().all(|q| !q.is_broken()));
+    }
+
+    #[test]
+    fn queues_are_adopted_and_released_while_the_engine_runs() {
+        let (mut rig, rx, tx) = net();
+        let mut e = engine(&rig, vec![rx]);
+        assert!(e.has_queue(0) && !e.has_queue(1));
+        e.adopt(tx).unwrap();
+        assert!(e.has_queue(1));
+        post_buffers(&mut rig, 8);
+        let frames = post_frames(&mut rig, 0, 8);
+        received(&mut rig, &frames);
+        // RX comes back to be served here; the engine goes on serving TX.
+        let mut rx = e.release(0).expect("the engine had queue 0");
+        assert_eq!(rx.index, 0);
+        assert!(!e.has_queue(0));
+        assert!(e.release(0).is_none(), "released once");
+        post_buffers(&mut rig, 8);
+        rx.forward();
+        let frames = post_frames(&mut rig, 8, 8);
+        let got = rig.complete(&mut rx, 8);
+        for (d, f) in got.iter().zip(&frames) {
+            assert_eq!(&d.data[..d.len as usize], &f[..]);
+        }
+        assert_eq!(rig.wait(1, 8).len(), 8);
+        // Adopted again, it is handed back with the others when the engine stops.
+        e.adopt(rx).unwrap();
+        assert_eq!(indices(&e.stop()), [0, 1]);
+    }
+
+    /// What the teardown saw: whether the stop came from the engine thread, the thread
+    /// the teardown ran on, the queues it got and the guest chains stopping returned.
+    type Report = (bool, Option<String>, Vec<u32>, usize);
+
+    /// Stops the engine from its own thread on the first element it sees, and refuses it.
+    struct StopsEngine {
+        engine: Arc<Mutex<Option<Engine>>>,
+        report: mpsc::Sender<Report>,
+    }
+
+    impl QueueHook for StopsEngine {
+        fn avail(&mut self, _out: &[u8], _in_len: u32) -> Verdict {
+            if let Some(e) = self.engine.lock().unwrap().take() {
+                let on_engine = e.on_engine_thread();
+                let report = self.report.clone();
+                e.stop_from_engine_thread(Box::new(move |mut queues| {
+                    let thread = std::thread::current().name().map(str::to_owned);
+                    let returned: usize = queues.iter_mut().map(|q| q.stop(StopReason::Closed, false).unwrap()).sum();
+                    let indices = indices(&queues);
+                    drop(queues);
+                    let _ = report.send((on_engine, thread, indices, returned));
+                }));
+            }
+            Verdict::Refuse
+        }
+
+        fn used(&mut self, _out: &[u8], _written: &[u8]) {}
+    }
+
+    #[test]
+    fn a_stop_from_the_engine_thread_runs_the_teardown_there() {
+        let (mut rig, rx, tx) = net();
+        let e = engine(&rig, vec![rx, tx]);
+        let shared = Arc::new(Mutex::new(None));
+        let (report, reports) = mpsc::channel();
+        hook(&e, 1, Box::new(StopsEngine { engine: shared.clone(), report }));
+        *shared.lock().unwrap() = Some(e);
+        post_buffers(&mut rig, 2);
+        let sent = rig.add(1, &[&frame(100, 1)], &[]);
+        rig.publish(1);
+        let (on_engine, thread, queues, returned) = reports.recv_timeout(PATIENCE).expect("the teardown ran");
+        assert!(on_engine);
+        assert_eq!(thread.as_deref(), Some("svq-engine"));
+        assert_eq!((queues, returned), (vec![0, 1], 2), "every queue, and the receive buffers in flight");
+        assert!(rig.used(0).iter().all(|d| d.len == 0));
+        assert_eq!(rig.used(1).iter().map(|d| (d.head, d.len)).collect::<Vec<_>>(), [(sent, 0)], "refused by the hook");
+        assert!(shared.lock().unwrap().is_none());
+    }
+
+    /// Panics when shown an element (or, with `in_used`, its completion).
+    struct Panics {
+        in_used: bool,
+    }
+
+    impl QueueHook for Panics {
+        fn avail(&mut self, _out: &[u8], _in_len: u32) -> Verdict {
+            assert!(self.in_used, "a hook that panics");
+            Verdict::Forward
+        }
+
+        fn used(&mut self, _out: &[u8], _written: &[u8]) {
+            panic!("a hook that panics")
+        }
+    }
+
+    #[test]
+    fn a_panicking_hook_breaks_every_queue_and_the_engine_hands_them_back() {
+        for in_used in [false, true] {
+            let (mut rig, rx, tx) = net();
+            let e = engine(&rig, vec![rx, tx]);
+            hook(&e, 1, Box::new(Panics { in_used }));
+            post_buffers(&mut rig, 2);
+            let sent = rig.add(1, &[&frame(100, 1)], &[]);
+            rig.publish(1);
+            for q in [1, 0] {
+                let f = rig.wait_fault(q);
+                assert_eq!((f.queue, f.rule(), f.kind()), (q, "internal_error", FaultKind::Internal));
+                assert!(matches!(&f.fault, Fault::Internal(why) if why.contains("a hook that panics")), "{f:?}");
+            }
+            // The process lives on, and so do the queues: closing them returns every chain.
+            let mut queues = e.stop();
+            assert_eq!(indices(&queues), [0, 1]);
+            for q in &mut queues {
+                assert!(q.is_broken());
+                q.stop(StopReason::Closed, false).unwrap();
+            }
+            assert_eq!(rig.used(0).len(), 2, "in_used {in_used}: both receive buffers");
+            let back: Vec<(u16, u32)> = rig.used(1).iter().map(|d| (d.head, d.len)).collect();
+            assert_eq!(back, [(sent, 0)], "in_used {in_used}: the chain the hook was looking at");
+        }
+    }
+
+    #[test]
+    fn a_device_needing_reset_breaks_every_watched_queue() {
+        let (mut rig, rx, tx) = net();
+        let e = engine(&rig, vec![rx, tx]);
+        rig.sim.misbehave(1, Some(Misbehaviour::NeedsReset)).unwrap();
+        post_buffers(&mut rig, 1);
+        post_frames(&mut rig, 0, 1);
+        for q in [0, 1] {
+            let f = rig.wait_fault(q);
+            assert_eq!((f.rule(), f.kind()), ("device_needs_reset", FaultKind::DeviceNeedsReset));
+        }
+        let queues = e.stop();
+        assert!(queues.len() == 2 && queues.iter().all(|q| q.is_broken()));
+    }
+}

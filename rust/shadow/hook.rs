@@ -43,13 +43,17 @@ impl ShadowQueue {
 
     /// Shows a guest element to the hooks: `Some` when it goes to the device (with its
     /// readable bytes kept for the completion's hooks), `None` when a hook completed it.
-    pub(super) fn judge(&mut self, mut el: Element) -> Result<Option<Element>, Fault> {
+    pub(super) fn judge(&mut self, el: Element) -> Result<Option<Element>, Fault> {
         if el.out_len > MAX_COPY_BYTES {
             return Err(self.too_many_bytes(&el));
         }
         let out = self.gather(&el.chain.out, el.out_len)?;
         let in_len = el.in_len.min(u32::MAX as u64) as u32;
+        // Kept as the waiting element while the hooks look: should one panic, stopping the
+        // broken queue still returns the guest's chain.
+        self.held = Some(el);
         let verdict = self.hooks.iter_mut().map(|h| h.0.avail(&out, in_len)).find(|v| *v != Verdict::Forward).unwrap_or(Verdict::Forward);
+        let Some(mut el) = self.held.take() else { return Err(Fault::Internal("the element shown to the hooks is gone".into())) };
         match verdict {
             Verdict::Forward => {
                 el.out_bytes = Some(out);

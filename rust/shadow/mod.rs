@@ -19,6 +19,10 @@ mod inflight;
 mod inject;
 mod log;
 mod stats;
+#[cfg(test)]
+pub(crate) mod testkit;
+#[cfg(test)]
+mod tests;
 mod translate;
 
 use std::collections::VecDeque;
@@ -472,18 +476,30 @@ impl ShadowQueue {
             None if hooked => self.gather(&f.guest_in, len as u64)?,
             _ => Vec::new(),
         };
+        let InFlight { origin, out_buf, in_buf, mut guest_in, out_bytes } = f;
+        // A guest chain is completed before the hooks see it (the guest sees it only once
+        // the used index is published): should a hook panic, closing still returns it. An
+        // injector learns of its element after the hooks (a restore reads their state).
+        let origin = match origin {
+            Origin::Guest(head) => {
+                self.complete_guest(head, len);
+                None
+            }
+            injected => Some(injected),
+        };
         // Hooks see the completions of elements they saw (or svq injected): those carry
         // their readable bytes.
-        if let Some(out) = f.out_bytes.as_deref().filter(|_| hooked) {
+        if let Some(out) = out_bytes.as_deref().filter(|_| hooked) {
             self.show_completion(out, &written);
         }
-        let InFlight { origin, out_buf, in_buf, mut guest_in, .. } = f;
         let _ = self.release(out_buf, in_buf);
         if self.chain.inn.capacity() == 0 {
             guest_in.clear();
             self.chain.inn = guest_in;
         }
-        self.finish(origin, len, Ok(written));
+        if let Some(origin) = origin {
+            self.finish(origin, len, Ok(written));
+        }
         Ok(())
     }
 
