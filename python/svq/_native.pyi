@@ -21,6 +21,7 @@ from .types import (
 
 __all__ = [
     "FAULT_RULES",
+    "VERSION",
     "Device",
     "DeviceBusyError",
     "DeviceNeedsResetError",
@@ -38,7 +39,6 @@ __all__ = [
     "SessionClosedError",
     "StateError",
     "SvqError",
-    "VERSION",
     "VhostUserServer",
     "bench_copy",
     "bench_forward",

@@ -13,9 +13,10 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from . import bench, blk, migration_job, net
+from . import bench, blk, migration_job, net, progress
 from ._native import VERSION, SvqError, live_resources
 from .device import Device
 from .serve import ControlSocket, VhostUserServer, ctl
@@ -27,10 +28,10 @@ log = logging.getLogger(__name__)
 DEMO_MAC_AFTER = "02:5a:51:00:00:01"
 
 
-def _loopback(s: Session, packets: int, frame_size: int, queue_size: int) -> tuple[int, int, float]:
+def _loopback(s: Session, packets: int, frame_size: int, queue_size: int, show: bool = False) -> tuple[int, int, float]:
     """Sends ``packets`` frames TX→RX and checks every one, with up to a ring's worth in
     flight (four batches) so that the guest never waits for a round trip; returns
-    (received, mismatches, seconds)."""
+    (received, mismatches, seconds). ``show``: a progress bar on stderr."""
     received = mismatches = 0
     payload_len = max(frame_size - net.NET_HDR_LEN - 14, 8)
     pattern = bytes(range(256)) * (payload_len // 256 + 2)
@@ -39,20 +40,22 @@ def _loopback(s: Session, packets: int, frame_size: int, queue_size: int) -> tup
     in_flight: collections.deque[list[bytes]] = collections.deque()
     sent = 0
     started = time.perf_counter()
-    while sent < packets or in_flight:
-        while sent < packets and len(in_flight) < 4:
-            n = min(batch, packets - sent)
-            frames = [head + _payload(sent + i, payload_len, pattern) for i in range(n)]
-            s.driver.post_receive(net.RX, n, max(frame_size, 2048))
-            s.driver.send(net.TX, frames)
-            in_flight.append(frames)
-            sent += n
-        frames = in_flight.popleft()
-        got = s.driver.wait(net.RX, len(frames))
-        s.driver.wait(net.TX, len(frames))
-        for (_, _, data), want in zip(got, frames, strict=True):
-            received += 1
-            mismatches += data != want
+    with progress.bar(packets, "frame", show=show, desc="loopback") as shown:
+        while sent < packets or in_flight:
+            while sent < packets and len(in_flight) < 4:
+                n = min(batch, packets - sent)
+                frames = [head + _payload(sent + i, payload_len, pattern) for i in range(n)]
+                s.driver.post_receive(net.RX, n, max(frame_size, 2048))
+                s.driver.send(net.TX, frames)
+                in_flight.append(frames)
+                sent += n
+            frames = in_flight.popleft()
+            got = s.driver.wait(net.RX, len(frames))
+            s.driver.wait(net.TX, len(frames))
+            for (_, _, data), want in zip(got, frames, strict=True):
+                received += 1
+                mismatches += data != want
+            shown.update(len(frames))
     return received, mismatches, time.perf_counter() - started
 
 
@@ -94,7 +97,8 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
             dev, mode=mode, queue_modes={net.CTRL: Mode.COPY}, copy_strategy=args.cvq_strategy, queue_size=args.queue_size
         ) as s:
             mac_before = s.device.info()["config"]["mac"]
-            received, mismatches, seconds = _loopback(s, args.packets, args.frame_size, args.queue_size)
+            show = progress.wanted(args.json)
+            received, mismatches, seconds = _loopback(s, args.packets, args.frame_size, args.queue_size, show)
             ack = _set_mac(s, DEMO_MAC_AFTER)
             mac_after = s.device.info()["config"]["mac"]
             tx = s.stats(net.TX)
@@ -257,7 +261,20 @@ def migrate_command(args: argparse.Namespace) -> int:
         print("svq migrate: give both --blk-from and --blk-to, or neither", file=sys.stderr)
         return 2
     shared = migration_job.default_blk_spec()
-    r = migration_job.run(
+    with progress.bar(None, "step", show=progress.wanted(args.json), desc="svq migrate") as shown:
+
+        def step(text: str) -> None:
+            log.info("svq migrate: %s", text)
+            shown.set_description_str(f"svq migrate: {text}")
+            shown.update(1)
+
+        r = _migrate(args, shared, step)
+    print(json.dumps(r)) if args.json else migration_job.print_report(r)
+    return 0 if migration_job.ok(r) else 1
+
+
+def _migrate(args: argparse.Namespace, shared: str, step: Callable[[str], None]) -> dict[str, Any]:
+    return migration_job.run(
         net_from=args.net_from,
         net_to=args.net_to,
         blk_from=None if args.no_blk else args.blk_from or shared,
@@ -267,10 +284,8 @@ def migrate_command(args: argparse.Namespace) -> int:
         frames=args.frames,
         blk_writes=args.blk_writes,
         rounds=args.rounds,
-        progress=lambda text: log.info("svq migrate: %s", text),
+        progress=step,
     )
-    print(json.dumps(r)) if args.json else migration_job.print_report(r)
-    return 0 if migration_job.ok(r) else 1
 
 
 def _queue_size(text: str) -> int:
