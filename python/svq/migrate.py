@@ -74,7 +74,7 @@ class MigrationReport:
     resume_ms: float
     sessions: list[SessionReport] = field(default_factory=list)
     #: When the first device stopped (``time.monotonic()``): a guest's downtime is the
-    #: gap in its completions around this instant.
+    #: longest gap in its completions from then until the destinations run.
     stopped_at: float = 0.0
 
     @property

@@ -6,6 +6,7 @@ accounted for, and B's filter is shown to hold the virtio-net state A had."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
@@ -40,12 +41,15 @@ ROUND_S = 0.02
 
 
 class Carrier:
-    """The session a guest runs on: the migration swaps it, the traffic threads follow."""
+    """The session a guest runs on: the migration swaps it, the traffic threads follow
+    (and go on at least until it did)."""
 
     def __init__(self, session: Session) -> None:
         self._session = session
         self._cv = threading.Condition()
         self._closed = False
+        #: Set once the migration is over (whatever its outcome).
+        self.settled = threading.Event()
 
     def current(self) -> Session:
         with self._cv:
@@ -55,12 +59,14 @@ class Carrier:
         with self._cv:
             self._session = session
             self._cv.notify_all()
+        self.settled.set()
 
     def close(self) -> None:
         """No session will come: threads waiting for one stop."""
         with self._cv:
             self._closed = True
             self._cv.notify_all()
+        self.settled.set()
 
     def wait_newer(self, old: Session, timeout: float = 30.0) -> bool:
         """Waits until the guest runs on another session than ``old``; False if none
@@ -76,14 +82,16 @@ class Stream:
     times: list[float] = field(default_factory=list)
     error: BaseException | None = None
 
-    def gap_ms(self, at: float) -> float | None:
-        """The gap in completions around the instant ``at``: the last one before it to
-        the first one after it (None without completions on both sides)."""
-        before = [t for t in self.times if t < at]
-        after = [t for t in self.times if t >= at]
-        if not before or not after:
+    def gap_ms(self, start: float, end: float) -> float | None:
+        """The longest gap between consecutive completions that overlaps ``start`` ..
+        ``end`` (while the devices were stopped): the guest's downtime. Not just the gap
+        around ``start``: the save completes to the guest what the device finished before
+        it stopped, so completions can arrive after ``start`` and the longer gap follows
+        them. None without completions both before ``start`` and after ``end``."""
+        times = sorted(self.times)
+        if not times or times[0] >= start or times[-1] <= end:
             return None
-        return (min(after) - max(before)) * 1e3
+        return max(b - a for a, b in itertools.pairwise(times) if b >= start and a <= end) * 1e3
 
 
 def _completions(e: BaseException) -> list[tuple[int, int, bytes]]:
@@ -93,8 +101,9 @@ def _completions(e: BaseException) -> list[tuple[int, int, bytes]]:
 
 class NetStream(threading.Thread):
     """Numbered frames to the guest's own MAC, looped back by the device: a batch of
-    receive buffers is posted, the batch sent, and both reaped. Follows the guest from
-    session to session; what a wait had reaped when its session stopped is kept."""
+    receive buffers is posted, the batch sent, and both reaped. At least ``frames``, and
+    on until the migration is over. Follows the guest from session to session; what a
+    wait had reaped when its session stopped is kept."""
 
     def __init__(self, carrier: Carrier, frames: int, batch: int = 32, payload: int = 200) -> None:
         super().__init__(name="svq-migrate-net", daemon=True)
@@ -120,9 +129,9 @@ class NetStream(threading.Thread):
                 s = self.carrier.current()
                 try:
                     if phase == "post":
-                        if self.sent >= self.total:
+                        if self.sent >= self.total and self.carrier.settled.is_set():
                             return
-                        n = min(self.batch, self.total - self.sent)
+                        n = min(self.batch, self.total - self.sent) if self.sent < self.total else self.batch
                         s.driver.post_receive(net.RX, n, 2048)
                         rx_out += n
                         phase = "send"
@@ -162,12 +171,14 @@ class NetStream(threading.Thread):
 
 
 class BlkWriter(threading.Thread):
-    """Writes of a distinct pattern per 4 KiB block, ``batch`` in flight at once; follows
-    the guest from session to session."""
+    """Writes of a distinct pattern per 4 KiB block, ``batch`` in flight at once: at least
+    ``writes``, and on until the migration is over (within the disk). Follows the guest
+    from session to session."""
 
-    def __init__(self, carrier: Carrier, writes: int, batch: int = 8) -> None:
+    def __init__(self, carrier: Carrier, writes: int, limit: int, batch: int = 8) -> None:
         super().__init__(name="svq-migrate-blk", daemon=True)
-        self.carrier, self.total, self.batch = carrier, writes, batch
+        self.carrier, self.total, self.limit, self.batch = carrier, writes, limit, batch
+        self.issued = 0
         self.done: set[int] = set()
         self.failed: list[int] = []
         self.inflight: dict[int, int] = {}
@@ -184,16 +195,18 @@ class BlkWriter(threading.Thread):
             (self.done.add if data[-1:] == bytes([blk.S_OK]) else self.failed.append)(seq)
             self.stream.times.append(now)
 
+    def more(self) -> bool:
+        return self.issued < self.limit and (self.issued < self.total or not self.carrier.settled.is_set())
+
     def run(self) -> None:
-        issued = 0
         try:
-            while issued < self.total or self.inflight:
+            while self.more() or self.inflight:
                 s = self.carrier.current()
                 try:
-                    while issued < self.total and len(self.inflight) < self.batch:
-                        head = s.driver.submit(0, [blk.header(blk.T_OUT, 8 * issued), self.pattern(issued)], [1])
-                        self.inflight[head] = issued
-                        issued += 1
+                    while self.more() and len(self.inflight) < self.batch:
+                        head = s.driver.submit(0, [blk.header(blk.T_OUT, 8 * self.issued), self.pattern(self.issued)], [1])
+                        self.inflight[head] = self.issued
+                        self.issued += 1
                     self._take(s.driver.wait(0, len(self.inflight), timeout=WAIT_S, whole=True))
                 except SessionClosedError as e:
                     self._take(_completions(e))
@@ -288,7 +301,8 @@ def _run(
             sessions.append(Session(devices[2], mode=mode if mode is not Mode.PASSTHROUGH else shadow))
             carriers.append(Carrier(sessions[1]))
         stream = NetStream(carriers[0], frames)
-        writer = BlkWriter(carriers[1], blk_writes) if with_blk else None
+        blocks = devices[2].info()["config"]["capacity"] // 8 if with_blk else 0
+        writer = BlkWriter(carriers[1], min(blk_writes, blocks), blocks) if with_blk else None
         threads: list[NetStream | BlkWriter] = [stream] + ([writer] if writer else [])
         for t in threads:
             t.start()
@@ -298,37 +312,44 @@ def _run(
             time.sleep(0.005)
         progress(f"migrating after {len(stream.received)} frames")
         error: str | None = None
+        moved: list[Session | None]
         report = None
+        resumed_at = 0.0
         try:
             # Each live round takes a while, as copying its pages to the destination would
             # (the guest's memory itself moves with its state, in this process).
-            moved, report = migrate(
+            new, report = migrate(
                 sessions,
                 [net_b] + ([devices[3]] if with_blk else []),
                 shadow=shadow,
                 rounds=rounds,
                 on_round=lambda i, _pages: time.sleep(ROUND_S) if i < rounds else None,
             )
+            moved = [*new]
+            resumed_at = time.monotonic()
         except MigrationError as e:
             error = f"{e} (the guests run on {[s.device.spec if s else None for s in e.sessions]})"
-            moved = [s for s in e.sessions if s is not None]
-        for c, s in zip(carriers, moved, strict=False):
-            c.swap(s)
-        sessions = moved
+            moved = e.sessions
+        for c, s in zip(carriers, moved, strict=True):
+            if s is not None:
+                c.swap(s)
+            else:
+                c.close()  # that guest is gone: its traffic stops
+        sessions = [s for s in moved if s is not None]
         progress("migrated" if error is None else f"failed: {error}")
         for t in threads:
             t.join(120)
         for c in carriers:
             c.close()
-        dst = sessions[0]
-        state_after = dst.net_state()
+        dst = moved[0]
+        state_after = dst.net_state() if dst is not None else None
         # The devices' own drops, before the filter check drops a frame on purpose.
         stats = [d.sim_stats() for d in (net_a, net_b)]
         drops = None if None in stats else sum(st["rx_drops"] for st in stats if st is not None)
-        filter_ok = error is None and _filter_holds(dst, acks[1])
+        filter_ok = error is None and dst is not None and _filter_holds(dst, acks[1])
         blk_verified = None
         if writer is not None and error is None:
-            blk_verified = not writer.failed and len(writer.done) == blk_writes and _read_back(sessions[1], blk_writes)
+            blk_verified = not writer.failed and len(writer.done) == writer.issued and _read_back(sessions[1], writer.issued)
         unique = set(stream.received)
         result: dict[str, Any] = {
             "from": net_a.spec,
@@ -350,8 +371,8 @@ def _run(
             "net_state_equal": state_after == state_before,
             "filter_verified": filter_ok,
             "switch_ms": round(report.switch_ms, 3) if report else None,
-            "downtime_ms": _round(stream.stream.gap_ms(report.stopped_at)) if report else None,
-            "blk_downtime_ms": _round(writer.stream.gap_ms(report.stopped_at)) if report and writer else None,
+            "downtime_ms": _round(stream.stream.gap_ms(report.stopped_at, resumed_at)) if report else None,
+            "blk_downtime_ms": _round(writer.stream.gap_ms(report.stopped_at, resumed_at)) if report and writer else None,
             "blackout_ms": round(report.blackout_ms, 3) if report else None,
             "dirty_pages": report.dirty_pages if report else None,
             "dirty_rounds": report.dirty_rounds if report else None,
@@ -391,8 +412,8 @@ def print_report(r: dict[str, Any]) -> None:
               f"read back {'verified' if r['blk_verified'] else 'FAILED'}")
     print(f"  net state: {'equal' if r['net_state_equal'] else 'DIFFERENT'} on the destination, "
           f"filter {'verified' if r['filter_verified'] else 'NOT verified'} ({r['net_commands_acked']} commands acked)")
-    print(f"  timing   : switch {r['switch_ms']} ms, devices stopped {r['blackout_ms']} ms, downtime (the stream's gap "
-          f"around the stop) {r['downtime_ms']} ms; {r['dirty_pages']} dirty pages over rounds {r['dirty_rounds']}")
+    print(f"  timing   : switch {r['switch_ms']} ms, devices stopped {r['blackout_ms']} ms, downtime (the stream's longest gap "
+          f"while they were stopped) {r['downtime_ms']} ms; {r['dirty_pages']} dirty pages over rounds {r['dirty_rounds']}")
     if r["error"]:
         print(f"  error    : {r['error']}")
     print(f"  elapsed  : {r['elapsed_s']} s")
