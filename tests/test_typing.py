@@ -3,6 +3,7 @@ under `mypy --strict`."""
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 
@@ -22,4 +23,10 @@ def test_stubs_match_the_extension() -> None:
 
 def test_package_type_checks() -> None:
     r = run("mypy", "--strict", "-p", "svq")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_examples_type_check() -> None:
+    examples = pathlib.Path(__file__).resolve().parent.parent / "examples"
+    r = run("mypy", "--strict", *sorted(str(p) for p in examples.glob("*.py")))
     assert r.returncode == 0, r.stdout + r.stderr
