@@ -50,7 +50,21 @@ class QueueStats(TypedDict):
 
 class QueueFault(TypedDict):
     """Why a queue broke (``Session.queue_fault``). ``rule`` is a stable identifier of
-    the broken rule (one of ``svq.FAULT_RULES``), e.g. ``"used_len_exceeds_writable"``."""
+    the broken rule (one of ``svq.FAULT_RULES``), e.g. ``"used_len_exceeds_writable"``.
+
+    >>> import svq
+    >>> with svq.Device("sim:net") as dev, svq.Session(dev) as s:
+    ...     dev.misbehave(svq.net.RX, "len_too_large")
+    ...     s.driver.post_receive(svq.net.RX, 1, 2048)
+    ...     _ = s.driver.send(svq.net.TX, [svq.net.frame(svq.net.BROADCAST, b"x")])
+    ...     try:
+    ...         _ = s.driver.wait(svq.net.RX, 1)
+    ...     except svq.DeviceProtocolError:
+    ...         pass
+    ...     fault = s.queue_fault(svq.net.RX)
+    ...     (fault["kind"], fault["rule"]) if fault else None
+    ('device_protocol', 'used_len_exceeds_writable')
+    """
 
     queue: int
     kind: FaultKindName
@@ -204,7 +218,13 @@ DeviceInfo = TypedDict(
 
 class SwitchResult(TypedDict):
     """What a live switch did (``Session.switch``): each queue that changed mode with its
-    ring position at the switch, and how long the device was suspended."""
+    ring position at the switch, and how long the device was suspended.
+
+    >>> import svq
+    >>> with svq.Session("sim:net", mode="passthrough", queue_modes={svq.net.CTRL: "copy"}) as s:
+    ...     s.switch([svq.net.RX, svq.net.TX], "translate")["queues"]
+    [(0, 0), (1, 0)]
+    """
 
     queues: list[tuple[int, int]]
     suspended_s: float
@@ -235,7 +255,16 @@ class ServerReport(TypedDict):
 
 class LiveResources(TypedDict):
     """What svq holds in the whole process (``svq.live_resources``): eventfds, worker
-    threads, bounce buffers, and bytes kept because a device may still reach them."""
+    threads, bounce buffers, and bytes kept because a device may still reach them.
+
+    >>> import svq
+    >>> before = svq.live_resources()
+    >>> with svq.Session("sim:net") as s:
+    ...     svq.live_resources()["threads"] > before["threads"]
+    True
+    >>> svq.live_resources() == before
+    True
+    """
 
     eventfds: int
     threads: int
