@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from . import _native
+from . import _aio, _native
 from .device import Device
 from .session import CopyStrategy, Mode
 from .types import QueueFault, ServerReport
@@ -51,7 +51,18 @@ class VhostUserServer:
     ``device`` (a :class:`Device` or a spec string) through svq, with ``mode`` for every
     queue not in ``queue_modes``. It serves one VMM connection at a time, then the next;
     :meth:`close` stops it (the device is reset, nothing stays mapped) and removes the
-    socket. A context manager."""
+    socket. A context manager; ``async with`` serves while the event loop runs and stops
+    the server on exit without blocking the loop.
+
+    >>> import asyncio, os, tempfile, svq
+    >>> async def main() -> bool:
+    ...     path = os.path.join(tempfile.mkdtemp(), "vu.sock")
+    ...     async with svq.VhostUserServer("sim:net", path) as server:
+    ...         await asyncio.sleep(0)
+    ...         return server.report()["connected"] is False and os.path.exists(path)
+    >>> asyncio.run(main())
+    True
+    """
 
     def __init__(
         self,
@@ -130,11 +141,24 @@ class VhostUserServer:
         if self._owns_device:
             self.device.close()
 
+    async def aclose(self) -> None:
+        """:meth:`close` without blocking the running event loop (it runs in the loop's
+        default executor)."""
+        await _aio.run_blocking(self.close)
+
     def __enter__(self) -> VhostUserServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> VhostUserServer:
+        """Starts serving in the background; leaving the block stops it (:meth:`aclose`)."""
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 class ControlSocket:

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from . import _native
+from . import _aio, _native
 from .device import Device
 from .front import ExternalGuest
 from .types import (
@@ -61,6 +61,7 @@ class Driver:
 
     def __init__(self, native: _native.Driver) -> None:
         self._s = native
+        self._turns = _aio.Turns()
 
     def send(self, queue: int, buffers: Sequence[bytes], segments: int = 1, indirect: bool = False) -> list[int]:
         """Posts one device-readable chain per buffer (split into ``segments``
@@ -84,6 +85,30 @@ class Driver:
         raises, its ``completions`` attribute holds what did complete. Other threads may
         use the session while this one waits."""
         return self._s.wait(queue, count, timeout, whole)
+
+    async def wait_async(self, queue: int, count: int, timeout: float = 10.0, whole: bool = False) -> list[Completion]:
+        """:meth:`wait` awaited on the running event loop, which watches the queue's call
+        eventfd (no thread, no polling): returns and raises what :meth:`wait` does, a
+        closed session and a broken queue included (a close wakes it from any thread or
+        task; what completed before a close went with the session, so its
+        ``completions`` is empty).
+
+        Completions stay with the driver until ``count`` of them are there: a waiter
+        cancelled at any point takes none, and the next wait (awaited or blocking) gets
+        each of them once. Waits on one queue in one loop take turns, first come first
+        served (``timeout`` counts the time spent waiting for the turn).
+
+        >>> import asyncio, svq
+        >>> async def main() -> list[bool]:
+        ...     async with svq.Session("sim:net") as s:
+        ...         s.driver.post_receive(svq.net.RX, 2, 2048)
+        ...         s.driver.send(svq.net.TX, [svq.net.frame(svq.net.BROADCAST, b"async")] * 2)
+        ...         done = await s.driver.wait_async(svq.net.RX, 2)
+        ...         return [data.endswith(b"async") for _, _, data in done]
+        >>> asyncio.run(main())
+        [True, True]
+        """
+        return await _aio.wait_completions(self._s, self._turns, queue, count, timeout, whole)
 
     def request(
         self, queue: int, out: Sequence[bytes], in_size: int, timeout: float = 10.0, whole: bool = False
@@ -315,6 +340,36 @@ class Session:
         is one deadline for all of them."""
         return self._s.inject(queue, list(elements), timeout)
 
+    async def inject_async(self, queue: int, out: bytes, in_size: int, timeout: float = 10.0) -> tuple[int, bytes]:
+        """:meth:`inject` awaited on the running event loop (no thread: the loop watches
+        an eventfd svq signals as the element completes). An element whose waiter timed
+        out or was cancelled stays in flight and is accounted on the queue as usual.
+
+        >>> import asyncio, svq
+        >>> async def main() -> tuple[int, bytes]:
+        ...     async with svq.Session("sim:net", queue_modes={svq.net.CTRL: "copy"}) as s:
+        ...         return await s.inject_async(svq.net.CTRL, svq.net.vlan_add(7), 1)
+        >>> asyncio.run(main())
+        (1, b'\\x00')
+        """
+        [(length, data)] = await _aio.inject(self._s, queue, [(out, in_size)], timeout)
+        return length, data
+
+    async def inject_many_async(
+        self, queue: int, elements: Sequence[tuple[bytes, int]], timeout: float = 10.0
+    ) -> list[tuple[int, bytes]]:
+        """:meth:`inject_many` awaited on the running event loop: all in flight at once,
+        one eventfd for the batch, one deadline for all of them.
+
+        >>> import asyncio, svq
+        >>> async def main() -> list[tuple[int, bytes]]:
+        ...     async with svq.Session("sim:net", queue_modes={svq.net.CTRL: "copy"}) as s:
+        ...         return await s.inject_many_async(svq.net.CTRL, [(svq.net.vlan_add(v), 1) for v in (1, 2)])
+        >>> asyncio.run(main())
+        [(1, b'\\x00'), (1, b'\\x00')]
+        """
+        return await _aio.inject(self._s, queue, elements, timeout)
+
     def add_hook(
         self,
         queue: int,
@@ -441,11 +496,32 @@ class Session:
             if self._owns_device:
                 self.device.close()
 
+    async def aclose(self) -> None:
+        """:meth:`close` without blocking the running event loop (it runs in the loop's
+        default executor); waiters of this session wake as with :meth:`close`. A caller
+        cancelled meanwhile still waits for the close to finish.
+
+        >>> import asyncio, svq
+        >>> async def main() -> bool:
+        ...     s = svq.Session("sim:net")
+        ...     await s.aclose()
+        ...     return s.closed
+        >>> asyncio.run(main())
+        True
+        """
+        await _aio.run_blocking(self.close)
+
     def __enter__(self) -> Session:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"

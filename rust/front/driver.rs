@@ -2,7 +2,7 @@
 //! kicks, waits for calls and reaps completions. It plays the guest for the demo, the
 //! tests and the benchmarks, through batch operations (never a call per descriptor).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,6 +89,12 @@ struct DriverQueue {
     spec: GuestQueue,
     writer: RingWriter,
     posted: Vec<Option<Posted>>,
+    /// Chains taken off the used ring but not handed to a caller yet, as (head, used
+    /// length, buffers): their descriptors may already carry new chains, their buffers
+    /// wait here until the next wait reads them (whole or not) before anything newer. An
+    /// asynchronous wait keeps what it reaped here, so a waiter abandoned at any point
+    /// loses nothing.
+    held: VecDeque<(u16, u32, Posted)>,
 }
 
 /// The in-process guest driver.
@@ -140,7 +146,7 @@ impl Driver {
                 health: Arc::new(QueueHealth::default()),
             };
             let writer = RingWriter::new(mem.vring(layout, spec.desc, spec.avail, spec.used)?, 0, event_idx);
-            queues.push(DriverQueue { spec, writer, posted: (0..size).map(|_| None).collect() });
+            queues.push(DriverQueue { spec, writer, posted: (0..size).map(|_| None).collect(), held: VecDeque::new() });
         }
         Ok(Driver { mem, queues, arena, spare: HashMap::new(), spares: 0 })
     }
@@ -272,30 +278,98 @@ impl Driver {
         Ok(kick)
     }
 
-    /// Reaps what has completed, without waiting.
+    /// Reaps what has completed, without waiting: held chains first, then the used ring.
     pub fn poll(&mut self, q: u32, max: usize, whole: bool, out: &mut Vec<Completion>) -> Result<usize, DriverError> {
         let mut n = 0;
         while n < max {
             let queue = self.queue(q)?;
-            let used = queue.writer.pop_used().map_err(|source| DriverError::Used { queue: q, source })?;
-            let Some((head, len)) = used else { break };
-            let posted = queue.posted[head as usize].take().unwrap_or_default();
-            let writable: usize = posted.bufs.iter().filter(|b| b.write).map(|b| b.len as usize).sum();
-            let mut data = vec![0u8; if whole { writable } else { len as usize }];
-            let mut at = 0usize;
-            for b in posted.bufs.iter().filter(|b| b.write) {
-                let take = (b.len as usize).min(data.len() - at);
-                if take == 0 {
-                    break;
-                }
-                self.mem.read(b.addr, &mut data[at..at + take])?;
-                at += take;
-            }
-            self.free(&posted);
-            out.push(Completion { head, len, data });
+            let used = match queue.held.pop_front() {
+                Some(c) => Some(c),
+                None => queue.writer.pop_used().map_err(|source| DriverError::Used { queue: q, source })?.map(|(head, len)| {
+                    let posted = queue.posted[head as usize].take().unwrap_or_default();
+                    (head, len, posted)
+                }),
+            };
+            let Some((head, len, posted)) = used else { break };
+            self.deliver(head, len, posted, whole, out)?;
             n += 1;
         }
         Ok(n)
+    }
+
+    /// Reads a completed chain's written bytes into `out` and frees its buffers.
+    fn deliver(&mut self, head: u16, len: u32, posted: Posted, whole: bool, out: &mut Vec<Completion>) -> Result<(), DriverError> {
+        let writable: usize = posted.bufs.iter().filter(|b| b.write).map(|b| b.len as usize).sum();
+        let mut data = vec![0u8; if whole { writable } else { len as usize }];
+        let mut at = 0usize;
+        for b in posted.bufs.iter().filter(|b| b.write) {
+            let take = (b.len as usize).min(data.len() - at);
+            if take == 0 {
+                break;
+            }
+            self.mem.read(b.addr, &mut data[at..at + take])?;
+            at += take;
+        }
+        self.free(&posted);
+        out.push(Completion { head, len, data });
+        Ok(())
+    }
+
+    /// Takes everything on the used ring into the queue's held chains (their bytes
+    /// unread, their descriptors free for new chains); returns how many are held.
+    fn collect(&mut self, q: u32) -> Result<usize, DriverError> {
+        let queue = self.queue(q)?;
+        while let Some((head, len)) = queue.writer.pop_used().map_err(|source| DriverError::Used { queue: q, source })? {
+            let posted = queue.posted[head as usize].take().unwrap_or_default();
+            queue.held.push_back((head, len, posted));
+        }
+        Ok(queue.held.len())
+    }
+
+    /// Hands held chains to `out` until it has `want`.
+    fn deliver_held(&mut self, q: u32, want: usize, whole: bool, out: &mut Vec<Completion>) -> Result<(), DriverError> {
+        while out.len() < want {
+            let Some((head, len, posted)) = self.queue(q)?.held.pop_front() else { break };
+            self.deliver(head, len, posted, whole, out)?;
+        }
+        Ok(())
+    }
+
+    /// One step of a wait that may be abandoned between steps (an asynchronous wait):
+    /// unlike [`Driver::wait_step`], what it reaps stays with the driver until `want`
+    /// chains completed, and only then goes to `out` (true). Otherwise it re-arms
+    /// notifications and returns false: sleep on [`Driver::call`], then step again.
+    /// When it fails (the queue broke) `out` holds what completed, up to `want`.
+    pub fn try_complete(&mut self, q: u32, want: usize, whole: bool, out: &mut Vec<Completion>) -> Result<bool, DriverError> {
+        loop {
+            self.queue(q)?.writer.disable_cb();
+            let held = match self.collect(q) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.deliver_held(q, want, whole, out)?;
+                    return Err(e);
+                }
+            };
+            if held + out.len() >= want {
+                self.deliver_held(q, want, whole, out)?;
+                return Ok(true);
+            }
+            let queue = self.queue(q)?;
+            if let Some(f) = queue.spec.health.fault() {
+                self.deliver_held(q, want, whole, out)?;
+                return Err(DriverError::Broken(f));
+            }
+            // Re-arm, then re-check: a completion that raced the re-arm is taken now.
+            if !queue.writer.enable_cb() {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Queue `q`'s call eventfd: signalled when chains complete (once re-armed) and when
+    /// the session closes.
+    pub fn call(&self, q: u32) -> Result<Arc<EventFd>, DriverError> {
+        self.queues.get(q as usize).map(|x| x.spec.call.clone()).ok_or(DriverError::NoQueue(q))
     }
 
     /// One step of a wait for `want` completions on queue `q`: reaps what is there into

@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use pyo3::PyTraverseError;
 
+use super::aio::Notifier;
 use super::args::{timeout, wait_interruptibly, Usize, U32, U64};
 use super::errors::driver_err;
 use super::session::Session;
@@ -123,6 +124,38 @@ impl Driver {
             }
         }
         Ok(tuples(py, done))
+    }
+
+    /// One step of an asynchronous wait for `count` completions on queue `q`: the
+    /// completions once `count` are there (taken from the driver only then: a waiter may
+    /// give up between steps and lose nothing), else a `Notifier` of the queue's call
+    /// eventfd to sleep on before the next step. With `expired_s` (the timeout that
+    /// passed) it raises `TimeoutError` instead. Any exception carries what did complete
+    /// as `completions`.
+    #[pyo3(signature = (q, count, whole = false, expired_s = None))]
+    fn wait_ready(&self, py: Python<'_>, q: U32, count: Usize, whole: bool, expired_s: Option<f64>) -> PyResult<Py<PyAny>> {
+        let (q, count) = (q.0, count.0);
+        let expired = expired_s.map(timeout).transpose()?;
+        let mut done = Vec::new();
+        let step = self.with(py, |d| {
+            let ready = d.try_complete(q, count, whole, &mut done)?;
+            if !ready && expired.is_some() {
+                d.poll(q, count, whole, &mut done)?;
+            }
+            Ok(if ready || expired.is_some() { None } else { Some(d.call(q)?) })
+        });
+        let fail = |e: PyErr, done: Vec<Completion>| -> PyResult<Py<PyAny>> {
+            e.value(py).setattr("completions", tuples(py, done))?;
+            Err(e)
+        };
+        match (step, expired) {
+            (Err(e), _) => fail(e, done),
+            (Ok(Some(call)), _) => Ok(Py::new(py, Notifier::new(call))?.into_any()),
+            (Ok(None), Some(t)) if done.len() < count => {
+                fail(driver_err(DriverError::Timeout { queue: q, got: done.len(), want: count, waited: t }), done)
+            }
+            (Ok(None), _) => Ok(tuples(py, done).into_pyobject(py)?.into_any().unbind()),
+        }
     }
 
     /// Chains the guest has in flight on queue `q`.

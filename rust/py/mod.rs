@@ -9,6 +9,7 @@ use pyo3::types::PyDict;
 
 use crate::live;
 
+mod aio;
 mod args;
 mod device;
 mod driver;
@@ -48,6 +49,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<driver::Driver>()?;
     m.add_class::<state::SavedState>()?;
     m.add_class::<serve::VhostUserServer>()?;
+    m.add_class::<aio::Notifier>()?;
+    m.add_class::<aio::InjectBatch>()?;
     m.add("VERSION", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(live_resources, m)?)?;
     m.add_function(wrap_pyfunction!(fail_eventfd_at, m)?)?;

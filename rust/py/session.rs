@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use pyo3::PyTraverseError;
 
+use super::aio::InjectBatch;
 use super::args::{timeout, wait_interruptibly, U16, U32, U64};
 use super::device::Device;
 use super::driver::Driver;
@@ -302,6 +303,15 @@ impl Session {
             out.push((len, PyBytes::new(py, &data)));
         }
         Ok(out)
+    }
+
+    /// Injects elements like `inject` and returns at once: the batch's eventfd is
+    /// signalled as they complete, and its `poll()` gives the outcome.
+    fn inject_batch(&self, py: Python<'_>, q: U32, elements: Vec<(Vec<u8>, U32)>) -> PyResult<InjectBatch> {
+        let q = q.0;
+        let elements: Vec<(Vec<u8>, u32)> = elements.into_iter().map(|(out, n)| (out, n.0)).collect();
+        let batch = self.with(py, |s| s.inject_batch(q, elements))?;
+        Ok(InjectBatch::new(q, batch))
     }
 
     /// Attaches Python policy to shadowed queue `q` (meant for low-rate queues such as the

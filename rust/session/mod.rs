@@ -41,7 +41,7 @@ use crate::iova::Mapping;
 use crate::mem::{GuestMemory, MemError};
 use crate::net::NetState;
 use crate::shadow::cvq::CvqCounters;
-use crate::shadow::{InjectError, InjectResult, InjectSlot, QueueHook, QueueStats, StopReason};
+use crate::shadow::{InjectBatch, InjectError, InjectResult, InjectSlot, QueueHook, QueueStats, StopReason};
 use claim::DeviceClaim;
 use teardown::Teardown;
 
@@ -387,15 +387,29 @@ impl Session {
     /// Injects elements (readable bytes, writable size) on shadowed queue `q`, all in
     /// flight at once; each slot completes with (length, written bytes) or an error.
     pub fn inject_many(&self, q: u32, elements: Vec<(Vec<u8>, u32)>) -> Result<Vec<Arc<InjectSlot>>, SessionError> {
-        let engine = self.engine_for(q)?;
         let slots: Vec<Arc<InjectSlot>> = elements.iter().map(|_| Arc::new(InjectSlot::default())).collect();
+        self.submit_injected(q, elements, &slots)?;
+        Ok(slots)
+    }
+
+    /// Like [`Session::inject_many`], completed through one [`InjectBatch`] whose eventfd
+    /// is signalled as elements complete (for a waiter that must not block: an event loop).
+    pub fn inject_batch(&self, q: u32, elements: Vec<(Vec<u8>, u32)>) -> Result<InjectBatch, SessionError> {
+        self.engine_for(q)?;
+        let batch = InjectBatch::new(elements.len()).map_err(os("eventfd"))?;
+        self.submit_injected(q, elements, batch.slots())?;
+        Ok(batch)
+    }
+
+    fn submit_injected(&self, q: u32, elements: Vec<(Vec<u8>, u32)>, slots: &[Arc<InjectSlot>]) -> Result<(), SessionError> {
+        let engine = self.engine_for(q)?;
         let reqs = elements
             .into_iter()
-            .zip(&slots)
+            .zip(slots)
             .map(|((out, in_len), slot)| Request::Inject { queue: q, out, in_len, slot: slot.clone() })
             .collect();
         engine.submit(reqs);
-        Ok(slots)
+        Ok(())
     }
 
     /// Waits for injected elements with one deadline for all of them; what did not

@@ -1,11 +1,15 @@
 //! svq's own elements on a shadowed queue: queued on the engine thread, sent in bounce
-//! buffers (never guest memory), and completed through a slot the injector waits on.
+//! buffers (never guest memory), and completed through a slot the injector waits on (or
+//! a batch of slots whose eventfd an event loop watches).
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Instant;
+
+use nix::errno::Errno;
 
 use super::inflight::{Element, Origin};
 use super::{bump, ShadowQueue, MAX_COPY_BYTES};
+use crate::eventfd::EventFd;
 use crate::fault::QueueFault;
 use crate::ring::Chain;
 
@@ -45,9 +49,18 @@ pub type InjectResult = Result<(u32, Vec<u8>), InjectError>;
 pub struct InjectSlot {
     result: Mutex<Option<InjectResult>>,
     done: Condvar,
+    /// Signalled after each outcome, while its owner keeps it open: a waiter that watches
+    /// it (an event loop) needs no thread per slot. Weak, so a waiter that gave up closes
+    /// it even though the element may stay in flight for the rest of the session.
+    notify: Option<Weak<EventFd>>,
 }
 
 impl InjectSlot {
+    /// A slot that also signals `notify` when it completes.
+    pub fn notifying(notify: &Arc<EventFd>) -> Self {
+        InjectSlot { notify: Some(Arc::downgrade(notify)), ..InjectSlot::default() }
+    }
+
     /// Records the outcome and wakes the waiter. The first outcome wins (a completion
     /// racing a stop is reported once).
     pub fn complete(&self, r: InjectResult) {
@@ -56,6 +69,15 @@ impl InjectSlot {
             *g = Some(r);
         }
         self.done.notify_all();
+        drop(g);
+        if let Some(n) = self.notify.as_ref().and_then(Weak::upgrade) {
+            n.signal();
+        }
+    }
+
+    /// Takes the outcome if it is there, without waiting.
+    pub fn try_take(&self) -> Option<InjectResult> {
+        self.result.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     /// Whether an outcome is there.
@@ -77,6 +99,56 @@ impl InjectSlot {
             }
             g = self.done.wait_timeout(g, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
+    }
+}
+
+/// Slots of elements injected together, with one eventfd signalled whenever one of them
+/// completes: a waiter sleeps on the eventfd (or watches it in an event loop) and
+/// [`InjectBatch::poll`]s, instead of blocking on each slot. Dropping the batch closes the
+/// eventfd; elements still in flight complete on the queue as usual.
+#[derive(Debug)]
+pub struct InjectBatch {
+    slots: Vec<Arc<InjectSlot>>,
+    results: Vec<Option<InjectResult>>,
+    notify: Arc<EventFd>,
+}
+
+impl InjectBatch {
+    /// `n` slots sharing a new eventfd.
+    pub fn new(n: usize) -> Result<Self, Errno> {
+        let notify = Arc::new(EventFd::new()?);
+        let slots = (0..n).map(|_| Arc::new(InjectSlot::notifying(&notify))).collect();
+        Ok(InjectBatch { slots, results: (0..n).map(|_| None).collect(), notify })
+    }
+
+    /// The slots, in element order.
+    pub fn slots(&self) -> &[Arc<InjectSlot>] {
+        &self.slots
+    }
+
+    /// The eventfd signalled when a slot completes.
+    pub fn notifier(&self) -> &Arc<EventFd> {
+        &self.notify
+    }
+
+    /// Takes the outcomes that arrived; true once every element ended.
+    pub fn poll(&mut self) -> bool {
+        for (slot, r) in self.slots.iter().zip(&mut self.results) {
+            if r.is_none() {
+                *r = slot.try_take();
+            }
+        }
+        self.pending() == 0
+    }
+
+    /// Elements without an outcome yet (as of the last [`InjectBatch::poll`]).
+    pub fn pending(&self) -> usize {
+        self.results.iter().filter(|r| r.is_none()).count()
+    }
+
+    /// The outcomes in element order (None: still pending).
+    pub fn results(&self) -> &[Option<InjectResult>] {
+        &self.results
     }
 }
 

@@ -32,7 +32,7 @@ use std::sync::Arc;
 pub use copy::{BounceSpace, Forwarding};
 pub use handover::Rewound;
 pub use hook::{QueueHook, Verdict};
-pub use inject::{InjectError, InjectResult, InjectSlot};
+pub use inject::{InjectBatch, InjectError, InjectResult, InjectSlot};
 pub use stats::QueueStats;
 pub use translate::RegionIova;
 
