@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
+use crate::capture::Tap;
 use crate::device::Device;
 use crate::dirty::DirtyLog;
 use crate::eventfd::EventFd;
@@ -50,6 +51,15 @@ pub enum Request {
         /// Completed once the hook is in place.
         done: Arc<InjectSlot>,
     },
+    /// Attach a packet capture's tap to a queue (or detach it with None).
+    Capture {
+        /// Queue index.
+        queue: u32,
+        /// The tap.
+        tap: Option<Box<Tap>>,
+        /// Completed once the tap is in place.
+        done: Arc<InjectSlot>,
+    },
     /// Attach (or detach) the dirty log on every queue.
     Log {
         /// The log.
@@ -78,7 +88,7 @@ impl Request {
     fn cancel(self, why: InjectError) {
         match self {
             Request::Inject { slot, .. } => slot.complete(Err(why)),
-            Request::Hook { done, .. } | Request::Log { done, .. } => done.complete(Err(why)),
+            Request::Hook { done, .. } | Request::Log { done, .. } | Request::Capture { done, .. } => done.complete(Err(why)),
             // The queue comes back to the caller, who tears it down.
             Request::Adopt { queue, done } => {
                 let _ = done.send(Err(Errno::ESHUTDOWN));
@@ -384,6 +394,17 @@ impl Worker {
                 }
                 None => {
                     slot.complete(Err(InjectError::Invalid(format!("queue {queue} is not shadowed"))));
+                    None
+                }
+            },
+            Request::Capture { queue, tap, done } => match find(queues, queue) {
+                Some(at) => {
+                    queues[at].set_capture(tap.map(|t| *t));
+                    done.complete(Ok((0, Vec::new())));
+                    None
+                }
+                None => {
+                    done.complete(Err(InjectError::Invalid(format!("queue {queue} is not shadowed"))));
                     None
                 }
             },

@@ -8,16 +8,18 @@
 //! Modules, bottom up (a module uses only those listed before it):
 //! [`virtio`] (constants), [`ring`] (split-ring layout and roles), [`mem`] (guest memory),
 //! [`iova`] (the IOVA allocator), [`eventfd`] and [`live`] (OS resources), [`net`] (the
-//! virtio-net control-queue codec), [`device`] (the device trait, the kernel backend and
-//! the embedded device), [`fault`] (why a queue broke), [`dma`] and [`bounce`] (mappings
-//! and bounce buffers), [`shadow`] (one shadow virtqueue), [`engine`] (the event loop),
-//! [`front`] (who supplies the guest side), [`session`] (a device set up for shadowing or
-//! passthrough), [`vhost_user`] (svq as a VMM's vhost-user backend, driving sessions).
+//! virtio-net control-queue codec), [`capture`] (pcapng packet capture), [`device`] (the
+//! device trait, the kernel backend and the embedded device), [`fault`] (why a queue
+//! broke), [`dma`] and [`bounce`] (mappings and bounce buffers), [`shadow`] (one shadow
+//! virtqueue), [`engine`] (the event loop), [`front`] (who supplies the guest side),
+//! [`session`] (a device set up for shadowing or passthrough), [`vhost_user`] (svq as a
+//! VMM's vhost-user backend, driving sessions).
 #![deny(missing_docs)]
 
 #[cfg(feature = "bench")]
 mod bench;
 pub mod bounce;
+pub mod capture;
 pub mod device;
 pub mod dirty;
 pub mod dma;

@@ -15,7 +15,7 @@ RUST = Path(__file__).resolve().parents[1] / "rust"
 LAYERS: list[set[str]] = [
     {"virtio"},
     {"ring"},
-    {"mem", "iova", "eventfd", "live", "net", "dirty"},
+    {"mem", "iova", "eventfd", "live", "net", "dirty", "capture"},
     {"device"},
     {"fault", "migrate"},
     {"dma"},

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import struct
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -305,3 +307,33 @@ def test_a_migrating_vmm_gets_every_written_page_logged(tmp_path: Path, guest: P
         wait_until(lambda: dst.report()["running"])
         loopback(guest, 50, 4)
         vmm.close()
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark is not installed (Debian package tshark)")
+def test_a_capture_spans_the_vmm_sessions(server: svq.VhostUserServer, guest: PyGuest, tmp_path: Path) -> None:
+    """Started before any VMM connects, the capture records each session's frames on the
+    same interfaces, and stop_capture completes the file while the VMM is connected."""
+    path = tmp_path / "serve.pcapng"
+    server.start_capture(path, snaplen=64)
+    for tag in range(2):
+        vmm = VhostUserClient(str(server.path))
+        vmm.handshake(VERSION_1, P_REPLY_ACK | P_MQ | (1 << 16))
+        # The second VMM continues from where the first one's rings stood.
+        for r in guest.rings:
+            r.base = 50 * tag
+        vmm.attach(guest, VERSION_1)
+        wait_until(lambda: server.report()["running"])
+        loopback(guest, 50, tag)
+        if tag == 0:
+            vmm.set_status(0)
+            vmm.close()
+            wait_until(lambda: not server.report()["connected"])
+    report = server.stop_capture()
+    vmm.close()
+    assert report is not None and report["finished"] and report["dropped"] == 0
+    assert [(i["name"], i["packets"]) for i in report["interfaces"]] == [("rx0", 100), ("tx0", 100)]
+    r = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.interface_name", "-e", "frame.cap_len"],
+                       capture_output=True, text=True, timeout=60, check=True)
+    rows = [line.split("\t") for line in r.stdout.splitlines()]
+    assert len(rows) == 200 and {cap for _, cap in rows} == {"64"}
+    assert server.report()["capture"] == report

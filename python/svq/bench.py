@@ -653,12 +653,14 @@ def expected_forward_checksum(segments: int, frame_size: int, elements: int, bat
     return (one * rounds) & MASK64
 
 
-def _loopback_rate(mode: str, segs: int, size: int, rounds: int, batch: int = 64) -> float:
+def _loopback_rate(mode: str, segs: int, size: int, rounds: int, batch: int = 64, capture: Path | None = None) -> float:
     from .session import Session
 
     frames = [net.frame(net.BROADCAST, bytes(size - net.NET_HDR_LEN - 14))] * batch
     with Session("sim:net", mode=mode) as s:
         d = s.driver
+        if capture is not None:
+            s.start_capture(capture)
 
         def round_trip() -> None:
             d.post_receive(net.RX, batch, 2048)
@@ -702,6 +704,34 @@ def forward_e2e_rows(p: Plan) -> list[Row]:
             )
         )
     return rows
+
+
+def capture_rows(p: Plan) -> list[Row]:
+    """Forwarding with a packet capture on (both directions to a pcapng file) against the
+    same loopback with none: the cost of capturing. With none, the hot path pays one
+    branch (the translate fast path is kept)."""
+    import tempfile
+
+    segs, size = 1, 256
+    _progress(f"end-to-end on sim:net, {segs} segment, {size} B: capture on vs off")
+    on, off = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(p.e2e_reps):
+            on.append(_loopback_rate("translate", segs, size, p.e2e_rounds, capture=Path(tmp) / f"bench{i}.pcapng"))
+            off.append(_loopback_rate("translate", segs, size, p.e2e_rounds))
+    svq_rate, peer_rate = max(on), max(off)
+    return [
+        _row(
+            f"capture on, end-to-end {segs}seg {size}B (vs capture off)",
+            svq_rate,
+            peer_rate,
+            "frames/s",
+            higher_better=True,
+            target="report the cost",
+            svq_runs=on,
+            peer_runs=off,
+        )
+    ]
 
 
 #: A unicast address the device's filter drops: TX frames complete (length 0) without
@@ -904,6 +934,7 @@ SECTIONS: dict[str, Callable[[Plan], list[Row]]] = {
     "iova": iova_rows,
     "forward": forward_inprocess_rows,
     "e2e": forward_e2e_rows,
+    "capture": capture_rows,
     "parse": parse_rows,
     "copy": copy_rows,
     "notify": notify_rows,

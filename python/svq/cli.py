@@ -14,14 +14,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 from . import bench, blk, migration_job, net, progress
 from ._native import VERSION, SvqError, live_resources
 from .device import Device
 from .serve import ControlSocket, VhostUserServer, ctl
-from .session import CopyStrategy, Mode, Session
-from .types import DeviceInfo
+from .session import CAPTURE_SNAPLEN, CopyStrategy, Mode, Session
+from .types import CaptureReport, DeviceInfo
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,15 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
             dev, mode=mode, queue_modes={net.CTRL: Mode.COPY}, copy_strategy=args.cvq_strategy, queue_size=args.queue_size
         ) as s:
             mac_before = s.device.info()["config"]["mac"]
+            if args.capture:
+                s.start_capture(args.capture, snaplen=args.snaplen, limit=args.capture_limit)
             show = progress.wanted(args.json)
             received, mismatches, seconds = _loopback(s, args.packets, args.frame_size, args.queue_size, show)
             ack = _set_mac(s, DEMO_MAC_AFTER)
             mac_after = s.device.info()["config"]["mac"]
             tx = s.stats(net.TX)
             cvq = s.cvq_info()
+            capture = s.stop_capture() if args.capture else None
         leaked = (dev.live_mappings() or 0) + live_resources()["bounce_buffers"] - before
         with Session(blk_dev, mode=mode) as b:
             client = blk.Blk(b.driver)
@@ -132,6 +135,7 @@ def demo(args: argparse.Namespace) -> dict[str, Any]:
             "isolated": cvq["isolated"] if cvq else None,
             "leaked": leaked,
         },
+        "capture": capture,
         "elapsed_s": round(time.perf_counter() - t0, 4),
     }
 
@@ -149,7 +153,16 @@ def _print_demo(r: dict[str, Any]) -> None:
     print(f"  cvq      : {c['mode']} mode, {c['strategy']} buffers, {where}, "
           f"{c['acked']}/{c['commands']} commands acked, {c['leaked']} leaked after close")
     print(f"  blk      : write/flush/read-back/get-id {'verified' if r['blk_verified'] else 'FAILED'}")
+    if r["capture"]:
+        _print_capture(r["capture"], "  capture  : ")
     print(f"  elapsed  : {r['elapsed_s']:.3f} s")
+
+
+def _print_capture(c: CaptureReport, prefix: str, file: TextIO = sys.stdout) -> None:
+    ifaces = ", ".join(f"{i['name']} {i['packets']}" for i in c["interfaces"])
+    dropped = f", {c['dropped']} dropped" if c["dropped"] else ""
+    error = f" ({c['error']})" if c["error"] else ""
+    print(f"{prefix}{c['packets']} frames ({ifaces}){dropped} in {c['path']}{error}", file=file)
 
 
 def _demo_ok(r: dict[str, Any]) -> bool:
@@ -215,6 +228,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         with VhostUserServer(args.device, args.vhost_user, mode=args.mode, queue_modes=dict(args.queue_mode or []),
                              copy_strategy=args.copy_strategy, busy_poll=args.busy_poll) as server:
+            if args.capture:
+                server.start_capture(args.capture, snaplen=args.snaplen, limit=args.capture_limit)
             control = ControlSocket(server, args.ctl) if args.ctl else None
             try:
                 server.start()
@@ -231,6 +246,9 @@ def serve(args: argparse.Namespace) -> int:
             finally:
                 if control:
                     control.close()
+                captured = server.stop_capture() if args.capture else None
+                if captured:
+                    _print_capture(captured, "svq serve: capture: ", sys.stderr)
         return 0
     finally:
         for sig, handler in previous.items():
@@ -288,6 +306,13 @@ def _migrate(args: argparse.Namespace, shared: str, step: Callable[[str], None])
     )
 
 
+def _capture_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--capture", metavar="FILE", help="write the frames on the shadowed data queues to a pcapng file")
+    p.add_argument("--snaplen", type=int, default=CAPTURE_SNAPLEN, metavar="BYTES",
+                   help=f"bytes kept of each captured frame (default {CAPTURE_SNAPLEN})")
+    p.add_argument("--capture-limit", type=int, metavar="BYTES", help="stop capturing once the file would pass this size")
+
+
 def _queue_size(text: str) -> int:
     n = int(text)
     if not 1 <= n <= 32768 or n & (n - 1):
@@ -311,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cvq-strategy", choices=[c.value for c in CopyStrategy], default=CopyStrategy.POOL.value,
                    help="bounce buffers of the copy-mode control queue (default pool)")
     d.add_argument("--json", action="store_true", help="print one JSON object")
+    _capture_arguments(d)
 
     v = sub.add_parser("serve", help="be a VMM's vhost-user backend on a vDPA device")
     v.add_argument("--vhost-user", required=True, metavar="PATH", help="the unix socket to listen on (a stale one is replaced)")
@@ -320,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a queue's own mode, e.g. ctrl=copy or 1=passthrough (repeatable)")
     v.add_argument("--copy-strategy", choices=[c.value for c in CopyStrategy], default=CopyStrategy.POOL.value)
     v.add_argument("--ctl", metavar="PATH", help="a control socket answering stats, health and info (JSON lines)")
+    _capture_arguments(v)
     v.add_argument("--busy-poll", type=float, default=200e-6, metavar="SECONDS",
                    help="after work, keep polling the rings this long before sleeping (default 0.0002; 0: never poll)")
 

@@ -23,8 +23,8 @@ from typing import Any
 
 from . import _aio, _native
 from .device import Device
-from .session import CopyStrategy, Mode
-from .types import QueueFault, ServerReport
+from .session import CAPTURE_SNAPLEN, CopyStrategy, Mode
+from .types import CaptureReport, QueueFault, ServerReport
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,17 @@ class VhostUserServer:
     def stop(self) -> None:
         """Stops serving (safe from any thread, or a signal handler)."""
         self._s.stop()
+
+    def start_capture(self, path: str | os.PathLike[str], snaplen: int = CAPTURE_SNAPLEN, limit: int | None = None) -> None:
+        """Captures the frames on the shadowed data queues of every VMM session from now
+        on into a new pcapng file at ``path`` (as :meth:`svq.Session.start_capture`; the
+        interfaces stay the same across sessions). :meth:`stop_capture` or :meth:`close`
+        completes the file."""
+        self._s.start_capture(path, snaplen, limit)
+
+    def stop_capture(self) -> CaptureReport | None:
+        """Completes the capture file; what it wrote and dropped (None: no capture)."""
+        return self._s.finish_capture()
 
     def report(self) -> ServerReport:
         """What the server does now: ``connected``, ``connections``, ``sessions_started``,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -13,6 +14,7 @@ from . import _aio, _native
 from .device import Device
 from .front import ExternalGuest
 from .types import (
+    CaptureReport,
     CvqInfo,
     DeviceState,
     GuestRing,
@@ -25,6 +27,9 @@ from .types import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Bytes of each frame a capture keeps by default (tcpdump's and Wireshark's default).
+CAPTURE_SNAPLEN = 262144
 
 #: Default guest memory: one 32 MiB region at 1 GiB (in passthrough the device sees guest
 #: addresses as IOVAs, so guest memory never starts at 0).
@@ -369,6 +374,30 @@ class Session:
         [(1, b'\\x00'), (1, b'\\x00')]
         """
         return await _aio.inject(self._s, queue, elements, timeout)
+
+    def start_capture(
+        self,
+        path: str | os.PathLike[str],
+        queues: Sequence[int] | None = None,
+        snaplen: int = CAPTURE_SNAPLEN,
+        limit: int | None = None,
+    ) -> list[str]:
+        """Captures the frames crossing the shadowed data queues ``queues`` (default: all
+        of them; a virtio-net device) into a new pcapng file at ``path``: one interface
+        per queue (``rx0``, ``tx0``, ...), nanosecond timestamps, at most ``snaplen``
+        bytes of each frame, the file at most ``limit`` bytes (frames beyond it are
+        counted as dropped). Returns the interfaces' names. Frames are written by a
+        thread of svq's; the queues never wait for the disk (a frame the writer cannot
+        take is dropped and counted). Queues in passthrough cannot be captured: svq is
+        not on their path. :meth:`stop_capture` (or :meth:`close`) completes the file.
+        See :class:`svq.types.CaptureReport` for an example."""
+        qs = None if queues is None else list(queues)
+        return self._s.start_capture(path, qs, snaplen, limit)
+
+    def stop_capture(self) -> CaptureReport:
+        """Stops the capture and completes its file; what it wrote and dropped. After
+        :meth:`close` (which completed the file) it still gives the final counts."""
+        return self._s.stop_capture()
 
     def add_hook(
         self,

@@ -251,6 +251,46 @@ class ServerReport(TypedDict):
     guest_memory_bytes: int
     queues: list[ServedQueue]
     events: list[str]
+    capture: CaptureReport | None
+
+
+class CaptureInterface(TypedDict):
+    """One captured queue: its pcapng interface name (``rx0``, ``tx0``, ...), frames
+    written and frames dropped."""
+
+    name: str
+    packets: int
+    dropped: int
+
+
+class CaptureReport(TypedDict):
+    """What a packet capture did (``Session.stop_capture``, ``VhostUserServer.stop_capture``):
+    frames written to ``path`` and dropped (``dropped_limit``: the file reached its size
+    cap; ``dropped_busy``: the disk was behind the queue), bytes written, whether the file
+    is complete, why writing stopped early if it did, and the same per interface.
+
+    >>> import os, tempfile, svq
+    >>> path = os.path.join(tempfile.mkdtemp(), "demo.pcapng")
+    >>> with svq.Session("sim:net") as s:
+    ...     s.start_capture(path)
+    ...     s.driver.post_receive(svq.net.RX, 1, 2048)
+    ...     _ = s.driver.send(svq.net.TX, [svq.net.frame(svq.net.BROADCAST, b"hello")])
+    ...     _ = s.driver.wait(svq.net.RX, 1)
+    ...     report = s.stop_capture()
+    ['rx0', 'tx0']
+    >>> report["packets"], report["finished"], [i["packets"] for i in report["interfaces"]]
+    (2, True, [1, 1])
+    """
+
+    path: str
+    packets: int
+    dropped: int
+    dropped_limit: int
+    dropped_busy: int
+    bytes: int
+    finished: bool
+    error: str | None
+    interfaces: list[CaptureInterface]
 
 
 class LiveResources(TypedDict):

@@ -51,6 +51,9 @@ impl Notifier {
     }
 }
 
+/// One injected element's outcome: (used length, bytes the device wrote).
+type Injected<'py> = (u32, Bound<'py, PyBytes>);
+
 /// Injected elements in flight together, completed through one eventfd.
 #[pyclass(frozen, module = "svq._native")]
 pub(super) struct InjectBatch {
@@ -81,7 +84,7 @@ impl InjectBatch {
     /// `TimeoutError` naming how many are still pending. Elements that did not end stay
     /// in flight and are accounted on the queue as usual.
     #[pyo3(signature = (expired_s = None))]
-    fn poll<'py>(&self, py: Python<'py>, expired_s: Option<f64>) -> PyResult<Option<Vec<(u32, Bound<'py, PyBytes>)>>> {
+    fn poll<'py>(&self, py: Python<'py>, expired_s: Option<f64>) -> PyResult<Option<Vec<Injected<'py>>>> {
         let expired = expired_s.map(super::args::timeout).transpose()?;
         let mut g = lock(&self.batch);
         let b = g.as_mut().ok_or_else(closed)?;

@@ -9,6 +9,7 @@ use pyo3::exceptions::{PyException, PyOSError, PyTimeoutError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::bounce::BounceError;
+use crate::capture::CaptureError;
 use crate::device::DeviceError;
 use crate::dma::DmaError;
 use crate::fault::{FaultKind, QueueFault};
@@ -89,6 +90,15 @@ pub(super) fn to_py(e: SessionError) -> PyErr {
         SessionError::Negotiation(m) => NegotiationError::new_err(m),
         SessionError::Os { op, errno } => PyOSError::new_err((errno as i32, format!("{op}: {}", errno.desc()))),
         SessionError::Closed => SessionClosedError::new_err("session is closed"),
+        SessionError::Capture(e) => capture_err(e),
+    }
+}
+
+/// A capture file that cannot be written is an `OSError` with its errno.
+pub(super) fn capture_err(e: CaptureError) -> PyErr {
+    match &e {
+        CaptureError::Io { source, .. } => PyOSError::new_err((source.raw_os_error().unwrap_or(0), e.to_string())),
+        CaptureError::Invalid(m) => PyValueError::new_err(m.clone()),
     }
 }
 

@@ -11,6 +11,7 @@ use crate::live;
 
 mod aio;
 mod args;
+mod capture;
 mod device;
 mod driver;
 mod errors;

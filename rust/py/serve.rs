@@ -5,7 +5,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::args::U32;
+use super::args::{U32, U64};
 use super::device::Device;
 use super::errors::to_py;
 use super::session::{busy_poll_window, parse_mode, parse_strategy};
@@ -77,8 +77,26 @@ impl VhostUserServer {
         self.stopper.stop();
     }
 
+    /// Captures the frames on the shadowed data queues of every session from now on into
+    /// a new pcapng file at `path` (one interface per queue), `snaplen` bytes of each at
+    /// most, the file at most `limit` bytes.
+    #[pyo3(signature = (path, snaplen = U32(crate::capture::DEFAULT_SNAPLEN), limit = None))]
+    fn start_capture(&self, py: Python<'_>, path: std::path::PathBuf, snaplen: U32, limit: Option<U64>) -> PyResult<()> {
+        let cfg = super::capture::config(snaplen, limit);
+        let server = self.server.clone();
+        py.detach(move || server.start_capture(&path, cfg)).map_err(to_py)
+    }
+
+    /// Completes the capture file; its report (see `Session.stop_capture`), or None when
+    /// the server does not capture.
+    fn finish_capture<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let server = self.server.clone();
+        let report = py.detach(move || server.finish_capture());
+        report.map(|r| super::capture::report_dict(py, &r)).transpose()
+    }
+
     /// What the server is doing: dict(connected, connections, sessions_started, running,
-    /// features, protocol_features, status, guest_memory_bytes, queues, events).
+    /// features, protocol_features, status, guest_memory_bytes, queues, events, capture).
     fn report<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let server = self.server.clone();
         let r = py.detach(move || server.report());
@@ -115,6 +133,7 @@ impl VhostUserServer {
             .collect::<PyResult<Vec<_>>>()?;
         d.set_item("queues", queues)?;
         d.set_item("events", r.events)?;
+        d.set_item("capture", r.capture.map(|c| super::capture::report_dict(py, &c)).transpose()?)?;
         Ok(d)
     }
 }

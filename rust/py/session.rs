@@ -106,6 +106,8 @@ pub(super) struct Session {
     /// The dirty log attached last: its final round is read after a save stopped the
     /// session.
     log: Mutex<Option<Arc<crate::dirty::DirtyLog>>>,
+    /// The capture started last: its final counts are read after the session closed.
+    capture: Mutex<Option<Arc<crate::capture::Capture>>>,
 }
 
 impl Session {
@@ -243,7 +245,7 @@ impl Session {
             }
             (None, None) => py.detach(|| RustSession::start(dev, &cfg)).map_err(to_py)?,
         };
-        Ok(Session { inner: Mutex::new(Some(s)), hooks: Mutex::new(Vec::new()), log: Mutex::new(None) })
+        Ok(Session { inner: Mutex::new(Some(s)), hooks: Mutex::new(Vec::new()), log: Mutex::new(None), capture: Mutex::new(None) })
     }
 
     /// The queues served and their modes, as (index, mode name).
@@ -519,6 +521,51 @@ impl Session {
             }
         })
         .map_err(to_py)
+    }
+
+    /// Captures the frames of shadowed data queues `queues` (None: all of them) into a new
+    /// pcapng file at `path`, `snaplen` bytes of each at most, the file at most `limit`
+    /// bytes; returns the interfaces' names. Frames flow into the file once this returns.
+    #[pyo3(signature = (path, queues = None, snaplen = U32(crate::capture::DEFAULT_SNAPLEN), limit = None))]
+    fn start_capture(
+        &self,
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        queues: Option<Vec<U32>>,
+        snaplen: U32,
+        limit: Option<U64>,
+    ) -> PyResult<Vec<String>> {
+        let cfg = super::capture::config(snaplen, limit);
+        let queues: Option<Vec<u32>> = queues.map(|qs| qs.into_iter().map(|q| q.0).collect());
+        let (slots, capture) = self.with(py, |s| {
+            let slots = s.start_capture(&path, queues.as_deref(), cfg)?;
+            Ok((slots, s.capture().cloned()))
+        })?;
+        let names = capture.as_ref().map(|c| c.interfaces().to_vec()).unwrap_or_default();
+        *lock(&self.capture) = capture;
+        // Waited for without the session's lock: a hook on the engine thread may need it.
+        if let Err(e) = super::capture::wait_attached(py, &slots) {
+            let _ = self.with(py, |s| s.stop_capture());
+            return Err(e);
+        }
+        Ok(names)
+    }
+
+    /// Stops the capture and completes its file: dict(path, packets, dropped,
+    /// dropped_limit, dropped_busy, bytes, finished, error, interfaces). After the session
+    /// closed (which completed the file), the final counts.
+    fn stop_capture<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let running = py.detach(|| {
+            let mut g = lock(&self.inner);
+            g.as_mut().filter(|s| s.capture().is_some()).map(|s| s.stop_capture()).transpose()
+        });
+        let capture = lock(&self.capture).take();
+        let report = match (running.map_err(to_py)?, capture) {
+            (Some(r), _) => r,
+            (None, Some(c)) => py.detach(|| c.finish()),
+            (None, None) => return Err(PyValueError::new_err("no capture is running on this session")),
+        };
+        super::capture::report_dict(py, &report)
     }
 
     /// Whether the session was closed.

@@ -10,6 +10,7 @@
 //! - [`teardown`]: stop, reset, unmap, and memory freed only when the device cannot reach it;
 //! - [`claim`]: one session per device at a time.
 
+mod capture;
 mod claim;
 mod negotiate;
 mod placement;
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 
+pub use capture::{interface_description, interface_name, net_header_len, wait_attached};
 pub use negotiate::guest_offer;
 pub use placement::CvqInfo;
 pub use save::{ResumeFailed, SaveFailed, Saved};
@@ -190,6 +192,9 @@ pub enum SessionError {
     /// The session was closed.
     #[error("session is closed")]
     Closed,
+    /// A packet capture's file could not be written.
+    #[error(transparent)]
+    Capture(crate::capture::CaptureError),
 }
 
 pub(crate) fn os(op: &'static str) -> impl Fn(Errno) -> SessionError {
@@ -230,6 +235,8 @@ pub struct Session {
     cvq: Option<CvqInfo>,
     net_state: Option<Arc<Mutex<NetState>>>,
     cvq_counters: Option<Arc<CvqCounters>>,
+    /// The packet capture on the data queues, while one is attached.
+    capture: Option<capture::Attached>,
     closed: bool,
 }
 
@@ -286,6 +293,7 @@ impl Session {
             cvq: None,
             net_state: None,
             cvq_counters: None,
+            capture: None,
             closed: false,
         };
         match s.setup(cfg, source) {
@@ -579,6 +587,7 @@ impl Session {
             driver: self.driver.take(),
             guest_mem: self.guest_mem.take(),
             guest_queues: std::mem::take(&mut self.guest_queues),
+            capture: self.capture.take(),
         }
     }
 }

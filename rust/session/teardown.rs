@@ -25,6 +25,7 @@ pub(super) struct Teardown {
     pub(super) driver: Option<Driver>,
     pub(super) guest_mem: Option<Arc<GuestMemory>>,
     pub(super) guest_queues: Vec<GuestQueue>,
+    pub(super) capture: Option<super::capture::Attached>,
 }
 
 /// What a teardown leaves.
@@ -75,7 +76,12 @@ impl Teardown {
             let (avail, used) = q.guest_position();
             positions.push(QueuePosition { queue: q.index, avail, used });
         }
+        // The queues' taps handed their last frames over: a capture the session started
+        // ends with it.
         drop(queues);
+        if let Some(a) = self.capture.filter(|a| a.owned) {
+            a.capture.finish();
+        }
         if let Err(e) = self.dma.unmap_all() {
             unmapped = false;
             keep(Err(e.into()));

@@ -4,7 +4,7 @@
 //! guest cannot change a command after it was copied. At completion exactly the used
 //! length is copied back.
 
-use super::inflight::{Element, InFlight};
+use super::inflight::{Element, InFlight, Origin};
 use super::{bump, Sent, ShadowQueue, MAX_COPY_BYTES};
 use crate::bounce::{BounceBuf, BounceError, BouncePool, Strategy};
 use crate::fault::Fault;
@@ -73,6 +73,9 @@ impl ShadowQueue {
             }
         };
         let out_len = el.out_len;
+        if let (Some(tap), Some(b), Origin::Guest(_)) = (self.capture.as_deref_mut(), &out_buf, &el.origin) {
+            tap.record(out_len, |skip, dst| super::capture::fill_from_bounce(b, skip, dst));
+        }
         // The chain's readable list goes back to be reused; its writable list travels with
         // the element (the copy-back target) and comes back at completion.
         let Element { origin, mut chain, out_bytes, .. } = el;

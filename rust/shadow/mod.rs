@@ -11,6 +11,7 @@
 //!
 //! Every fault found breaks the queue with a typed [`Fault`]; nothing on this path panics.
 
+mod capture;
 mod copy;
 pub mod cvq;
 mod handover;
@@ -121,6 +122,8 @@ pub struct ShadowQueue {
     log: Option<Arc<crate::dirty::DirtyLog>>,
     /// Guest address of the guest's used ring (logged whenever svq writes it).
     used_gpa: u64,
+    /// The packet capture's tap, while one is attached.
+    capture: Option<Box<crate::capture::Tap>>,
 }
 
 /// Everything a shadow queue is built from.
@@ -178,6 +181,7 @@ impl ShadowQueue {
             health: p.health,
             log: None,
             used_gpa: p.used_gpa,
+            capture: None,
         }
     }
 
@@ -237,23 +241,27 @@ impl ShadowQueue {
                 // Only guest elements left, and nothing to do with them but translate.
                 return self.forward_translated();
             }
-            let Some(el) = self.next_element()? else { return Ok(false) };
+            let Some(el) = self.next_element()? else {
+                self.flush_capture();
+                return Ok(false);
+            };
             let copy = matches!(self.forwarding, Forwarding::Copy(_)) || matches!(el.origin, Origin::Injected(_));
             let sent = if copy { self.send_copied(el)? } else { self.send_translated(el)? };
             if let Sent::Full(el) = sent {
                 // Wait for completions to free descriptors; reaping resumes us.
                 self.held = Some(el);
                 bump(&self.stats.held, 1);
+                self.flush_capture();
                 return Ok(true);
             }
         }
     }
 
-    /// Whether guest elements take the translate fast path: translate forwarding and no
-    /// hook to show them to.
+    /// Whether guest elements take the translate fast path: translate forwarding, no
+    /// hook to show them to and no capture.
     #[inline]
     fn fast(&self) -> bool {
-        self.forwarding == Forwarding::Translate && self.hooks.is_empty()
+        self.forwarding == Forwarding::Translate && self.hooks.is_empty() && self.capture.is_none()
     }
 
     /// The next element to send: one that waited for room, then injected ones, then the
@@ -429,6 +437,17 @@ impl ShadowQueue {
 
     /// Reaps every used entry the device published and completes its element.
     fn reap_used(&mut self) -> Result<(), Fault> {
+        if self.capture.is_none() {
+            return self.reap_each::<false>();
+        }
+        let r = self.reap_each::<true>();
+        self.flush_capture();
+        r
+    }
+
+    /// The reaping loop; `CAPTURE` records what the device wrote into chains forwarded
+    /// on the fast path (compiled out when no tap is attached).
+    fn reap_each<const CAPTURE: bool>(&mut self) -> Result<(), Fault> {
         let (mut completed, mut bytes_in) = (0u64, 0u64);
         let res = loop {
             let (head, len) = match self.shadow.pop_used() {
@@ -440,6 +459,9 @@ impl ShadowQueue {
             // The writer validated the id: it is a head in flight, which the table has.
             match self.in_flight.untrack(head) {
                 Some(Ok(guest_head)) => {
+                    if CAPTURE {
+                        self.capture_chain(guest_head, len);
+                    }
                     self.log_chain(guest_head, len);
                     self.guest.push_used(guest_head, len);
                     completed += 1;
@@ -467,6 +489,9 @@ impl ShadowQueue {
             // Copied back by svq, or (translated) written by the device itself: logged.
             if let Some(b) = &f.in_buf {
                 self.copy_back(b, &f.guest_in, len)?;
+            }
+            if self.capture.is_some() {
+                self.capture_written(&f, len);
             }
             self.log_segments(&f.guest_in, u64::from(len));
         }

@@ -132,8 +132,14 @@ impl ShadowQueue {
         let Ok(head) = self.shadow.add(&self.bufs) else { return Ok(Sent::Full(el)) };
         let out_len = el.out_len;
         let Element { origin, mut chain, out_bytes, .. } = el;
-        // Hooks read what the device wrote from the guest's writable segments.
-        let guest_in = if self.hooks.is_empty() { Vec::new() } else { std::mem::take(&mut chain.inn) };
+        if let Some(tap) = self.capture.as_deref_mut() {
+            let mem = &*self.mem;
+            tap.record(out_len, |skip, dst| super::capture::fill_from_guest(mem, &chain.out, skip, dst));
+        }
+        // Hooks (and a capture) read what the device wrote from the guest's writable
+        // segments.
+        let keep = !self.hooks.is_empty() || (self.capture.is_some() && !chain.inn.is_empty());
+        let guest_in = if keep { std::mem::take(&mut chain.inn) } else { Vec::new() };
         self.chain = chain;
         self.in_flight.track(head, InFlight { origin, out_buf: None, in_buf: None, guest_in, out_bytes });
         bump(&self.stats.elements, 1);

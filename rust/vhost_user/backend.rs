@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::{
@@ -19,11 +20,14 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 
+use crate::capture::{Capture, CaptureConfig};
 use crate::device::Device;
 use crate::dirty::DirtyLog;
 use crate::front::external::{ExternalGuest, ExternalMemory, ExternalQueue};
 use crate::mem::{FileRegion, GuestMemory};
-use crate::session::{guest_offer, Mode, QueuePosition, Session, SessionConfig};
+use crate::session::{
+    guest_offer, interface_description, interface_name, wait_attached, Mode, QueuePosition, Session, SessionConfig, SessionError,
+};
 use crate::virtio::{device_id, feature, has, net_feature, status};
 
 type Result<T> = vhost::vhost_user::Result<T>;
@@ -108,6 +112,8 @@ pub(crate) struct VuBackend {
     queue_num: u64,
     conn: Connection,
     session: Option<Session>,
+    /// The packet capture every session's data queues record into.
+    pub(super) capture: Option<Arc<Capture>>,
     /// Recent refusals and failures, newest last (for `svq ctl health`).
     pub(super) events: Vec<String>,
     pub(super) sessions_started: u64,
@@ -145,6 +151,7 @@ impl VuBackend {
             queue_num,
             conn: Connection::default(),
             session: None,
+            capture: None,
             events: Vec::new(),
             sessions_started: 0,
         })
@@ -267,6 +274,7 @@ impl VuBackend {
                 self.sessions_started += 1;
                 let at: Vec<String> = ready.iter().map(|&q| format!("{q}@{}", self.conn.queues[q as usize].base)).collect();
                 self.note(format!("device started (rings {})", at.join(" ")));
+                self.attach_capture();
                 if self.log_all() {
                     self.apply_logging()?;
                 }
@@ -353,6 +361,37 @@ impl VuBackend {
             }
         }
         Ok(())
+    }
+
+    /// Captures the shadowed data queues of every session from now on into a new pcapng
+    /// file at `path` (one interface per queue, kept across sessions).
+    pub(super) fn start_capture(&mut self, path: &Path, cfg: CaptureConfig) -> std::result::Result<(), SessionError> {
+        if self.capture.as_ref().is_some_and(|c| !c.report().finished) {
+            return Err(SessionError::Invalid("the server captures already".into()));
+        }
+        if self.device.device_id()? != device_id::NET {
+            return Err(SessionError::Invalid("packet capture needs a virtio-net device".into()));
+        }
+        let queues: Vec<u32> = (0..self.queue_count).filter(|&q| self.mode_of(q) != Mode::Passthrough).collect();
+        if queues.is_empty() {
+            return Err(SessionError::Invalid(
+                "every data queue is in passthrough mode: svq is not on its path, so it cannot capture them (use mode translate or copy)"
+                    .into(),
+            ));
+        }
+        let interfaces: Vec<(String, String)> = queues.iter().map(|&q| (interface_name(q), interface_description(q))).collect();
+        self.capture = Some(Arc::new(Capture::create(path, &interfaces, cfg)?));
+        self.attach_capture();
+        Ok(())
+    }
+
+    /// Attaches the capture to the running session's data queues.
+    fn attach_capture(&mut self) {
+        let (Some(c), Some(s)) = (self.capture.clone(), self.session.as_mut()) else { return };
+        let attached = s.attach_capture(&c).and_then(|(_, slots)| wait_attached(&slots, std::time::Duration::from_secs(10)));
+        if let Err(e) = attached {
+            self.note(format!("packet capture: {e}"));
+        }
     }
 
     fn mode_of(&self, q: u32) -> Mode {

@@ -24,6 +24,7 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use vhost::vhost_user::{BackendReqHandler, Listener};
 
+use crate::capture::{CaptureConfig, CaptureReport};
 use crate::device::Device;
 use crate::eventfd::EventFd;
 use crate::fault::QueueFault;
@@ -92,6 +93,8 @@ pub struct ServerReport {
     pub queues: Vec<QueueReport>,
     /// Recent refusals and failures, newest last.
     pub events: Vec<String>,
+    /// The packet capture's counters, when the server captures.
+    pub capture: Option<CaptureReport>,
 }
 
 struct Shared {
@@ -163,6 +166,20 @@ impl Server {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Captures the frames on every session's shadowed data queues from now on into a new
+    /// pcapng file at `path` (see [`crate::capture`]); the file is complete once
+    /// [`Server::finish_capture`] returns or the server is dropped.
+    pub fn start_capture(&self, path: &Path, cfg: CaptureConfig) -> Result<(), SessionError> {
+        lock(&self.shared.backend).start_capture(path, cfg)
+    }
+
+    /// Completes the capture file (taps of a running session record nothing more); what
+    /// the capture did, or None when the server does not capture.
+    pub fn finish_capture(&self) -> Option<CaptureReport> {
+        let capture = lock(&self.shared.backend).capture.clone();
+        capture.map(|c| c.finish())
     }
 
     /// A handle to stop the server from elsewhere.
@@ -268,6 +285,7 @@ impl Server {
             guest_memory_bytes,
             queues,
             events: b.events.clone(),
+            capture: b.capture.as_ref().map(|c| c.report()),
         }
     }
 }
@@ -287,7 +305,14 @@ fn queue_reports(s: &Session) -> Vec<QueueReport> {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stopper().stop();
-        lock(&self.shared.backend).disconnected();
+        let capture = {
+            let mut b = lock(&self.shared.backend);
+            b.disconnected();
+            b.capture.take()
+        };
+        if let Some(c) = capture {
+            c.finish();
+        }
         // Dropping the listener removes the socket file.
         drop(lock(&self.listener).take());
     }
