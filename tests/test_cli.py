@@ -154,3 +154,6 @@ def test_progress_is_drawn_for_a_terminal_and_not_for_a_pipe_or_json() -> None:
     assert "loopback:" in drawn and "/20.0k" in drawn and "frame/s" in drawn, drawn[-300:]
     assert stderr_of("demo", "--packets", "20000", "--json", tty=True) == ""
     assert stderr_of("demo", "--packets", "20000", tty=False) == ""
+    bench = stderr_of("bench", "--quick", "--only", "iova", "--only", "capture", tty=True)
+    assert "svq bench" in bench and "/2" in bench and "done in" in bench, bench[-300:]
+    assert stderr_of("bench", "--quick", "--only", "iova", tty=False) == ""

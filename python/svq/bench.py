@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _native, net
+from . import _native, net, progress
 
 MASK64 = (1 << 64) - 1
 
@@ -519,8 +519,13 @@ def plan(quick: bool, cargo: bool = True) -> Plan:
     return Plan(False, (1_000, 10_000, 100_000, 1_000_000), 200_000, 2_000_000, 64_000, 1000, 5, 2000, 50, cargo, 2.0)
 
 
+#: The progress bar of the run in progress, if any (drawn only for a person).
+_bars: list[progress.Bar] = []
+
+
 def _progress(msg: str) -> None:
-    print(f"svq bench: {msg}", file=sys.stderr, flush=True)
+    if _bars:
+        _bars[-1].set_description_str(f"svq bench: {msg}")
 
 
 def iova_rows(p: Plan) -> list[Row]:
@@ -942,12 +947,19 @@ SECTIONS: dict[str, Callable[[Plan], list[Row]]] = {
 }
 
 
-def suite(p: Plan, only: Iterable[str] | None = None) -> list[Row]:
+def suite(p: Plan, only: Iterable[str] | None = None, show: bool = False) -> list[Row]:
+    """The rows of every section (or those in ``only``); ``show`` draws progress on
+    stderr, one step per section, the step's measurement as its description."""
+    sections = [(name, f) for name, f in SECTIONS.items() if not only or name in only]
     rows: list[Row] = []
-    for name, f in SECTIONS.items():
-        if only and name not in only:
-            continue
-        rows.extend(f(p))
+    with progress.bar(len(sections), "section", show=show, desc="svq bench") as b:
+        _bars.append(b)
+        try:
+            for _, f in sections:
+                rows.extend(f(p))
+                b.update(1)
+        finally:
+            _bars.pop()
     return rows
 
 
@@ -1031,8 +1043,10 @@ def run(args: argparse.Namespace) -> int:
     than its target), never because of an absolute time."""
     p = plan(args.quick, cargo=not getattr(args, "no_cargo", False))
     t0 = time.perf_counter()
-    rows = suite(p, getattr(args, "only", None))
-    _progress(f"done in {time.perf_counter() - t0:.1f} s")
+    show = progress.wanted(args.json)
+    rows = suite(p, getattr(args, "only", None), show=show)
+    if show:
+        print(f"svq bench: done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.json:
         print(json.dumps(to_json(rows)))
     else:
