@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+import pyring
 from svq import _native, bench
 
 FIELDS = {"name", "svq", "peer", "unit", "ratio", "target", "met"}
@@ -84,11 +85,11 @@ REGIONS = [(GPA, 0x8_0000, 0x1_0000_0000), (GPA + 0x8_0000, 0x8_0000, 0x2_0000_0
 
 
 def py_setup(event_idx: bool = True):  # type: ignore[no-untyped-def]
-    _, _, _, total = bench.ring_offsets(8)
-    g, s = bench.PyRing(bytearray(total), 0, 8), bench.PyRing(bytearray(total), 0, 8)
-    sq = bench.PyShadowVirtqueue(g, GPA, GPA + SIZE, s, REGIONS, event_idx)
-    guest = bench.PyRingWriter(g, event_idx)
-    device = bench.PyRingReader(s, event_idx, 0x1_0000_0000, 0x2_0008_0000)
+    _, _, _, total = pyring.ring_offsets(8)
+    g, s = pyring.PyRing(bytearray(total), 0, 8), pyring.PyRing(bytearray(total), 0, 8)
+    sq = pyring.PyShadowVirtqueue(g, GPA, GPA + SIZE, s, REGIONS, event_idx)
+    guest = pyring.PyRingWriter(g, event_idx)
+    device = pyring.PyRingReader(s, event_idx, 0x1_0000_0000, 0x2_0008_0000)
     return sq, guest, device
 
 
@@ -136,18 +137,18 @@ def test_pure_python_svq_forwards_and_completes(event_idx: bool) -> None:
     [
         ((GPA + SIZE - 8, 16, 0, 0), "outside guest memory"),
         ((GPA + 0x1000, 0, 0, 0), "zero-length"),
-        ((GPA + 0x1000, 8, bench.F_NEXT, 0), "loop"),
-        ((GPA + 0x1000, 8, bench.F_NEXT, 9), "outside the table"),
-        ((GPA + 0x1000, 16, bench.F_INDIRECT, 0), "INDIRECT_DESC"),
+        ((GPA + 0x1000, 8, pyring.F_NEXT, 0), "loop"),
+        ((GPA + 0x1000, 8, pyring.F_NEXT, 9), "outside the table"),
+        ((GPA + 0x1000, 16, pyring.F_INDIRECT, 0), "INDIRECT_DESC"),
     ],
 )
 def test_pure_python_svq_refuses_hostile_chains(desc: tuple[int, int, int, int], why: str) -> None:
     sq, guest, _ = py_setup()
     r = guest.r
-    bench.DESC.pack_into(r.buf, r.desc, *desc)
-    bench.U16.pack_into(r.buf, r.avail + 4, 0)
-    bench.U16.pack_into(r.buf, r.avail + 2, 1)
-    with pytest.raises(bench.PyRingError, match=why):
+    pyring.DESC.pack_into(r.buf, r.desc, *desc)
+    pyring.U16.pack_into(r.buf, r.avail + 4, 0)
+    pyring.U16.pack_into(r.buf, r.avail + 2, 1)
+    with pytest.raises(pyring.PyRingError, match=why):
         sq.forward()
 
 
@@ -155,20 +156,33 @@ def test_read_after_write_and_index_jump_are_refused() -> None:
     sq, guest, _ = py_setup()
     guest.add([(GPA + 0x1000, 8, True), (GPA + 0x2000, 8, False)])
     guest.publish()
-    with pytest.raises(bench.PyRingError, match="readable descriptor after a device-writable"):
+    with pytest.raises(pyring.PyRingError, match="readable descriptor after a device-writable"):
         sq.forward()
     sq, guest, _ = py_setup()
-    bench.U16.pack_into(guest.r.buf, guest.r.avail + 2, 9)
-    with pytest.raises(bench.PyRingError, match="jumped"):
+    pyring.U16.pack_into(guest.r.buf, guest.r.avail + 2, 9)
+    with pytest.raises(pyring.PyRingError, match="jumped"):
         sq.forward()
 
 
 @pytest.mark.parametrize("segments,size", [(1, 64), (4, 1500)])
 def test_python_peer_and_svq_forward_the_same_chains(segments: int, size: int) -> None:
     rs = _native.bench_forward(segments, size, 640)
-    py = bench.py_forward(segments, size, 640)
+    py = pyring.py_forward(segments, size, 640)
     assert rs["elements"] == py["elements"] == 640
     assert rs["checksum"] == py["checksum"] == bench.expected_forward_checksum(segments, size, 640)
     # Same notification behaviour too: one kick and one call per batch of 32.
     for k in ("device_kicks", "guest_calls"):
         assert rs[k] == py[k] == 20, k
+
+
+def test_the_python_peer_lives_outside_the_package() -> None:
+    """`import svq` never brings the pure-Python peer in; svq bench finds it in the
+    source tree it runs from."""
+    import pkgutil
+
+    import svq
+
+    assert "pyring" not in {m.name for m in pkgutil.iter_modules(svq.__path__)}
+    assert not hasattr(bench, "PyShadowVirtqueue")
+    peer = bench.python_peer()
+    assert peer is not None and peer.PyShadowVirtqueue.__module__ == "svq_bench_pyring"

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
+import pyring
 import svq
 from svq import _native, bench, net
 
@@ -38,7 +39,7 @@ def test_loopback_batch(benchmark, session: svq.Session, segments: int, size: in
     benchmark(round_trip, session, frames, segments)
 
 
-IN_PROCESS = {"svq": (_native.bench_forward, 3200), "pure-python": (bench.py_forward, 320)}
+IN_PROCESS = {"svq": (_native.bench_forward, 3200), "pure-python": (pyring.py_forward, 320)}
 
 
 @pytest.mark.parametrize("peer", list(IN_PROCESS))

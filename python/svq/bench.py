@@ -7,8 +7,9 @@ because the machines are noisy: absolute times are for orientation only. Rows:
   (the common design), at 1k…1M live mappings after fragmentation; timed in Rust
   (``_native.bench_iova``).
 * **forward (in-process)**: svq's shadow virtqueue run in process on one thread, batches
-  of 32, no device thread (``_native.bench_forward``) vs :class:`PyShadowVirtqueue`, the
-  pure-Python shadow virtqueue a Python user would write, over the same ring layout.
+  of 32, no device thread (``_native.bench_forward``) vs ``PyShadowVirtqueue`` (``benches/pyring.py``, from
+  a source tree), the pure-Python shadow virtqueue a Python user would write, over the
+  same ring layout.
 * **forward (end-to-end)**: frames/s through guest ring → shadow ring → ``sim:net`` →
   back, translate mode vs passthrough on the same device.
 * **parse**: svq's validated pop vs rust-vmm ``virtio-queue`` over the same ring
@@ -27,18 +28,19 @@ throughput / peer throughput, or peer notifications / svq notifications.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import shutil
 import statistics
-import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from . import _native, net, progress
@@ -114,382 +116,6 @@ def _row(
 
 def _skipped(name: str, unit: str, target: str, why: str) -> Row:
     return Row(name, None, None, unit, None, target, None, note=f"skipped: {why}")
-
-
-# ---------------------------------------------------------------------------------------
-# A pure-Python shadow virtqueue: the peer of the in-process forwarding row
-# ---------------------------------------------------------------------------------------
-
-DESC = struct.Struct("<QIHH")
-U16 = struct.Struct("<H")
-USED = struct.Struct("<II")
-F_NEXT, F_WRITE, F_INDIRECT = 1, 2, 4
-AVAIL_F_NO_INTERRUPT = USED_F_NO_NOTIFY = 1
-
-
-class PyRingError(Exception):
-    """A peer broke the ring protocol (the pure-Python shadow virtqueue's errors)."""
-
-
-def ring_offsets(size: int) -> tuple[int, int, int, int]:
-    """(desc, avail, used, total) of a packed split ring, as svq lays it out."""
-    avail = 16 * size
-    used = (avail + 6 + 2 * size + 63) // 64 * 64
-    return 0, avail, used, used + 6 + 8 * size
-
-
-def need_event(event: int, new: int, old: int) -> bool:
-    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
-
-
-class PyRing:
-    """Offsets of one split ring inside a buffer."""
-
-    def __init__(self, buf: bytearray, base: int, size: int) -> None:
-        d, a, u, _ = ring_offsets(size)
-        self.buf, self.size, self.mask = buf, size, size - 1
-        self.desc, self.avail, self.used = base + d, base + a, base + u
-        self.used_event = self.avail + 4 + 2 * size
-        self.avail_event = self.used + 4 + 8 * size
-
-
-class PyRingWriter:
-    """Driver side of a split ring (free list, in-flight table, validated reaping)."""
-
-    def __init__(self, ring: PyRing, event_idx: bool) -> None:
-        self.r, self.event_idx = ring, event_idx
-        n = ring.size
-        self.next = [(i + 1) % n for i in range(n)]
-        self.chain_len = [0] * n
-        self.writable = [0] * n
-        self.free_head, self.num_free = 0, n
-        self.avail_idx = self.kicked = self.last_used = 0
-
-    def add(self, bufs: Sequence[tuple[int, int, bool]]) -> int | None:
-        """Writes a chain; None when the ring has no room for it."""
-        n = len(bufs)
-        if n == 0 or n > self.num_free:
-            return None
-        r, buf, nxt = self.r, self.r.buf, self.next
-        head = idx = self.free_head
-        writable = 0
-        for k, (addr, length, write) in enumerate(bufs):
-            last = k + 1 == n
-            flags = (F_WRITE if write else 0) | (0 if last else F_NEXT)
-            DESC.pack_into(buf, r.desc + 16 * idx, addr, length, flags, 0 if last else nxt[idx])
-            if write:
-                writable += length
-            if not last:
-                idx = nxt[idx]
-        self.free_head = nxt[idx]
-        self.num_free -= n
-        self.chain_len[head] = n
-        self.writable[head] = writable
-        U16.pack_into(buf, r.avail + 4 + 2 * (self.avail_idx & r.mask), head)
-        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        return head
-
-    def publish(self) -> bool:
-        """Publishes added chains; True when the other side wants a notification."""
-        old = self.kicked
-        if old == self.avail_idx:
-            return False
-        r = self.r
-        U16.pack_into(r.buf, r.avail + 2, self.avail_idx)
-        self.kicked = self.avail_idx
-        if self.event_idx:
-            return need_event(U16.unpack_from(r.buf, r.avail_event)[0], self.avail_idx, old)
-        return not U16.unpack_from(r.buf, r.used)[0] & USED_F_NO_NOTIFY
-
-    def pop_used(self) -> tuple[int, int] | None:
-        """One validated used entry as (head, len), or None."""
-        r = self.r
-        idx = U16.unpack_from(r.buf, r.used + 2)[0]
-        pending = (idx - self.last_used) & 0xFFFF
-        if pending == 0:
-            return None
-        if pending > r.size:
-            raise PyRingError(f"used index jumped from {self.last_used} to {idx}")
-        ident, length = USED.unpack_from(r.buf, r.used + 4 + 8 * (self.last_used & r.mask))
-        if ident >= r.size:
-            raise PyRingError(f"used id {ident} outside the queue")
-        n = self.chain_len[ident]
-        if n == 0:
-            raise PyRingError(f"used id {ident} not in flight")
-        if length > self.writable[ident]:
-            raise PyRingError(f"used length {length} > writable {self.writable[ident]}")
-        self.last_used = (self.last_used + 1) & 0xFFFF
-        tail = ident
-        for _ in range(n - 1):
-            tail = self.next[tail]
-        self.next[tail] = self.free_head
-        self.free_head = ident
-        self.num_free += n
-        self.chain_len[ident] = 0
-        self.writable[ident] = 0
-        return ident, length
-
-    def enable_cb(self) -> bool:
-        r = self.r
-        if self.event_idx:
-            U16.pack_into(r.buf, r.used_event, self.last_used)
-        else:
-            U16.pack_into(r.buf, r.avail, 0)
-        return bool(U16.unpack_from(r.buf, r.used + 2)[0] != self.last_used)
-
-    def disable_cb(self) -> None:
-        if not self.event_idx:
-            U16.pack_into(self.r.buf, self.r.avail, AVAIL_F_NO_INTERRUPT)
-
-
-class PyRingReader:
-    """Device side of a split ring: validated pops of chains, used entries."""
-
-    def __init__(self, ring: PyRing, event_idx: bool, lo: int, hi: int) -> None:
-        #: Buffers must lie in [lo, hi).
-        self.r, self.event_idx, self.lo, self.hi = ring, event_idx, lo, hi
-        self.last_avail = self.used_idx = self.signalled = 0
-
-    def pop(self) -> tuple[int, list[tuple[int, int, bool]]] | None:
-        """The next chain as (head, [(addr, len, writable), ...]), validated; or None."""
-        r, buf = self.r, self.r.buf
-        idx = U16.unpack_from(buf, r.avail + 2)[0]
-        pending = (idx - self.last_avail) & 0xFFFF
-        if pending == 0:
-            return None
-        if pending > r.size:
-            raise PyRingError(f"avail index jumped from {self.last_avail} to {idx}")
-        head = U16.unpack_from(buf, r.avail + 4 + 2 * (self.last_avail & r.mask))[0]
-        self.last_avail = (self.last_avail + 1) & 0xFFFF
-        if head >= r.size:
-            raise PyRingError(f"avail entry names head {head}, outside the queue")
-        segs: list[tuple[int, int, bool]] = []
-        i, budget, seen_write, lo, hi = head, r.size, False, self.lo, self.hi
-        while True:
-            if budget == 0:
-                raise PyRingError(f"chain {head} is longer than its table (a loop?)")
-            budget -= 1
-            addr, length, flags, nxt = DESC.unpack_from(buf, r.desc + 16 * i)
-            if flags & F_INDIRECT:
-                raise PyRingError(f"chain {head} uses an indirect table but INDIRECT_DESC was not negotiated")
-            if length == 0:
-                raise PyRingError(f"chain {head} has a zero-length descriptor")
-            if addr < lo or addr + length > hi:
-                raise PyRingError(f"chain {head} points at {addr:#x}+{length:#x}, outside guest memory")
-            write = bool(flags & F_WRITE)
-            if write:
-                seen_write = True
-            elif seen_write:
-                raise PyRingError(f"chain {head} has a device-readable descriptor after a device-writable one")
-            segs.append((addr, length, write))
-            if not flags & F_NEXT:
-                return head, segs
-            if nxt >= r.size:
-                raise PyRingError(f"descriptor {i} of chain {head} has next {nxt}, outside the table")
-            i = nxt
-
-    def push_used(self, head: int, length: int) -> None:
-        r = self.r
-        USED.pack_into(r.buf, r.used + 4 + 8 * (self.used_idx & r.mask), head, length)
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-
-    def publish_used(self) -> bool:
-        old = self.signalled
-        if old == self.used_idx:
-            return False
-        r = self.r
-        U16.pack_into(r.buf, r.used + 2, self.used_idx)
-        self.signalled = self.used_idx
-        if self.event_idx:
-            return need_event(U16.unpack_from(r.buf, r.used_event)[0], self.used_idx, old)
-        return not U16.unpack_from(r.buf, r.avail)[0] & AVAIL_F_NO_INTERRUPT
-
-    def enable_notify(self) -> bool:
-        r = self.r
-        if self.event_idx:
-            U16.pack_into(r.buf, r.avail_event, self.last_avail)
-        else:
-            U16.pack_into(r.buf, r.used, 0)
-        return bool(U16.unpack_from(r.buf, r.avail + 2)[0] != self.last_avail)
-
-    def disable_notify(self) -> None:
-        if not self.event_idx:
-            U16.pack_into(self.r.buf, self.r.used, USED_F_NO_NOTIFY)
-
-
-class PyShadowVirtqueue:
-    """A shadow virtqueue in pure Python (struct over bytearrays): pops and validates the
-    guest's chains, translates every guest address through ``regions`` ((gpa, size, iova)
-    triples), writes them on the shadow ring, kicks the device through an eventfd when it
-    wants it; reaps and validates the device's used entries and completes the guest's
-    chains, calling the guest when it wants it. The same algorithm as svq's Rust
-    ``ShadowQueue``, written the way a Python user would."""
-
-    def __init__(
-        self,
-        guest: PyRing,
-        guest_lo: int,
-        guest_hi: int,
-        shadow: PyRing,
-        regions: Sequence[tuple[int, int, int]],
-        event_idx: bool = True,
-        kick_fd: int | None = None,
-        call_fd: int | None = None,
-    ) -> None:
-        self.guest = PyRingReader(guest, event_idx, guest_lo, guest_hi)
-        self.shadow = PyRingWriter(shadow, event_idx)
-        self.regions = list(regions)
-        self.in_flight: list[int | None] = [None] * shadow.size
-        self.pending: tuple[int, list[tuple[int, int, bool]]] | None = None
-        self.kick_fd, self.call_fd = kick_fd, call_fd
-        self.stats = dict.fromkeys(
-            ("elements", "completed", "device_kicks", "device_kicks_suppressed", "guest_calls", "guest_calls_suppressed"),
-            0,
-        )
-
-    def _translate(self, head: int, segs: list[tuple[int, int, bool]]) -> list[tuple[int, int, bool]]:
-        out = []
-        for start, length, write in segs:
-            addr, end = start, start + length
-            while addr < end:
-                for gpa, size, iova in self.regions:
-                    if gpa <= addr < gpa + size:
-                        n = min(gpa + size, end) - addr
-                        out.append((iova + addr - gpa, n, write))
-                        addr += n
-                        break
-                else:
-                    raise PyRingError(f"guest address {addr:#x} is not mapped for the device")
-        return out
-
-    def forward(self) -> None:
-        """Forwards every available chain that fits, then kicks the device once."""
-        while True:
-            self.guest.disable_notify()
-            held = False
-            while True:
-                if self.pending is not None:
-                    head, bufs = self.pending
-                    self.pending = None
-                else:
-                    popped = self.guest.pop()
-                    if popped is None:
-                        break
-                    head, bufs = popped[0], self._translate(*popped)
-                shead = self.shadow.add(bufs)
-                if shead is None:
-                    if len(bufs) > self.shadow.r.size:
-                        raise PyRingError(f"chain {head} can never fit the shadow ring")
-                    self.pending = (head, bufs)
-                    held = True
-                    break
-                self.in_flight[shead] = head
-                self.stats["elements"] += 1
-            if self.shadow.publish():
-                if self.kick_fd is not None:
-                    os.eventfd_write(self.kick_fd, 1)
-                self.stats["device_kicks"] += 1
-            else:
-                self.stats["device_kicks_suppressed"] += 1
-            if held or not self.guest.enable_notify():
-                return
-
-    def reap(self) -> None:
-        """Completes what the device used, then forwards what waited for room."""
-        while True:
-            self.shadow.disable_cb()
-            while (used := self.shadow.pop_used()) is not None:
-                shead, length = used
-                head = self.in_flight[shead]
-                self.in_flight[shead] = None
-                if head is None:
-                    raise PyRingError(f"used id {shead} has no element")
-                self.guest.push_used(head, length)
-                self.stats["completed"] += 1
-            if self.guest.publish_used():
-                if self.call_fd is not None:
-                    os.eventfd_write(self.call_fd, 1)
-                self.stats["guest_calls"] += 1
-            else:
-                self.stats["guest_calls_suppressed"] += 1
-            if not self.shadow.enable_cb():
-                break
-        if self.pending is not None:
-            self.forward()
-
-
-def py_forward(segments: int, frame_size: int, elements: int, batch: int = 32, event_idx: bool = True) -> dict[str, Any]:
-    """The pure-Python peer of ``_native.bench_forward``: same layout (guest ring and
-    buffer slots at the same guest addresses, the same IOVA of guest memory), same
-    per-batch protocol, same checksum; only forward() and reap() are timed."""
-    lay = _native.bench_forward_layout()
-    size = lay["queue_size"]
-    gpa, gsize = lay["guest_gpa"], lay["guest_size"]
-    # Only the ring is touched (translate mode copies no payload): the guest memory
-    # buffer need not hold the buffers' bytes.
-    _, _, _, total = ring_offsets(size)
-    gmem, smem = bytearray(total), bytearray(total)
-
-    g = PyRing(gmem, 0, size)
-    s = PyRing(smem, 0, size)
-    per = max(1, -(-frame_size // segments))
-    lens = [min(per, frame_size - k) for k in range(0, frame_size, per)]
-    batch = max(1, min(batch, size // len(lens)))
-    # Guest-side view uses offsets relative to gmem; addresses in descriptors are gpas.
-    guest = PyRingWriter(g, event_idx)
-    device = PyRingReader(s, event_idx, lay["region_iova"], lay["region_iova"] + gsize)
-    kick, call = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
-    try:
-        sq = PyShadowVirtqueue(g, gpa, gpa + gsize, s, [(gpa, gsize, lay["region_iova"])], event_idx, kick, call)
-        device.enable_notify()
-        guest.enable_cb()
-        chains = [
-            [(lay["buf_base"] + (j * len(lens) + k) * lay["buf_stride"], n, False) for k, n in enumerate(lens)]
-            for j in range(batch)
-        ]
-        checksum = done = 0
-        t_fwd = t_reap = 0.0
-        clock = time.perf_counter
-        while done < elements:
-            for c in chains:
-                guest.add(c)
-            guest.publish()
-            t = clock()
-            sq.forward()
-            t_fwd += clock() - t
-            device.disable_notify()
-            n = 0
-            while (chain := device.pop()) is not None:
-                for addr, length, _ in chain[1]:
-                    checksum = (checksum + addr * 31 + length) & MASK64
-                device.push_used(chain[0], 0)
-                n += 1
-            device.publish_used()
-            device.enable_notify()
-            if n != batch:
-                raise PyRingError(f"forwarded {n} of {batch}")
-            t = clock()
-            sq.reap()
-            t_reap += clock() - t
-            guest.disable_cb()
-            got = 0
-            while guest.pop_used() is not None:
-                got += 1
-            guest.enable_cb()
-            if got != batch:
-                raise PyRingError(f"completed {got} of {batch}")
-            done += batch
-    finally:
-        os.close(kick)
-        os.close(call)
-    return {
-        "elements": done,
-        "svq_ns": (t_fwd + t_reap) * 1e9 / done,
-        "forward_ns": t_fwd * 1e9 / done,
-        "reap_ns": t_reap * 1e9 / done,
-        "checksum": checksum,
-        **{k: v for k, v in sq.stats.items() if k.startswith(("device_", "guest_"))},
-    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -601,6 +227,10 @@ def iova_rows(p: Plan) -> list[Row]:
     return rows
 
 
+#: Why the pure-Python peer is missing from a row.
+NO_PEER = "pure-Python peer: run svq bench from a source tree (benches/pyring.py)"
+
+
 def _k(n: int) -> str:
     return f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k" if n >= 1000 else str(n)
 
@@ -608,17 +238,34 @@ def _k(n: int) -> str:
 FWD_CASES = ((1, 64), (4, 64), (1, 1500), (4, 1500))
 
 
+def python_peer() -> ModuleType | None:
+    """``benches/pyring.py`` of the source tree (the pure-Python peer is not part of the
+    package); None from a wheel installed elsewhere."""
+    root = source_tree()
+    if root is None:
+        return None
+    spec = importlib.util.spec_from_file_location("svq_bench_pyring", root / "benches" / "pyring.py")
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def forward_inprocess_rows(p: Plan) -> list[Row]:
     rows = []
+    peer = python_peer()
     for segs, size in FWD_CASES:
         _progress(f"in-process forwarding, {segs} segment(s), {size} B")
         # Warm-up, then best of three (the machine is noisy; both sides get the same).
         _native.bench_forward(segs, size, 3200)
         rs = min((_native.bench_forward(segs, size, p.fwd_elements) for _ in range(3)), key=lambda r: r["svq_ns"])
-        py = min((py_forward(segs, size, p.py_elements) for _ in range(2)), key=lambda r: r["svq_ns"])
-        agree = rs["checksum"] == expected_forward_checksum(segs, size, rs["elements"]) and py[
-            "checksum"
-        ] == expected_forward_checksum(segs, size, py["elements"])
+        py: dict[str, Any] = {"svq_ns": None, "forward_ns": None, "reap_ns": None, "elements": None}
+        if peer is not None:
+            py = min((peer.py_forward(segs, size, p.py_elements) for _ in range(2)), key=lambda r: r["svq_ns"])
+        agree = rs["checksum"] == expected_forward_checksum(segs, size, rs["elements"]) and (
+            peer is None or py["checksum"] == expected_forward_checksum(segs, size, py["elements"])
+        )
         rows.append(
             _row(
                 f"forward in-process {segs}seg {size}B (vs pure Python)",
@@ -629,7 +276,7 @@ def forward_inprocess_rows(p: Plan) -> list[Row]:
                 target="svq <= 100 ns/elem, >= 100x pure Python",
                 min_ratio=100,
                 svq_max=100,
-                note="" if agree else "svq and the Python peer DISAGREE",
+                note="svq and the Python peer DISAGREE" if not agree else "" if peer else NO_PEER,
                 agree=agree,
                 svq_forward_ns=rs["forward_ns"],
                 svq_reap_ns=rs["reap_ns"],
@@ -886,10 +533,11 @@ def boundary_rows(p: Plan, n: int = 256) -> list[Row]:
 
 
 def source_tree() -> Path | None:
-    """The svq source tree this package was built from, when it is one (editable install)."""
-    root = Path(__file__).resolve().parents[2]
-    if (root / "Cargo.toml").is_file() and (root / "benches" / "guest_ring_parse.rs").is_file():
-        return root
+    """An svq source tree: the one this package was built from (an editable install), or
+    the current directory when it is one (``svq bench`` run from a clone)."""
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root / "Cargo.toml").is_file() and (root / "benches" / "guest_ring_parse.rs").is_file():
+            return root
     return None
 
 
