@@ -97,8 +97,12 @@ impl DirtyLog {
         if len == 0 {
             return;
         }
-        let first = gpa / PAGE_SIZE;
-        let last = (gpa.saturating_add(len - 1) / PAGE_SIZE).min(self.pages.saturating_sub(1));
+        self.set_pages(gpa / PAGE_SIZE, gpa.saturating_add(len - 1) / PAGE_SIZE);
+    }
+
+    /// Sets the bits of pages `first..=last` (those the log covers).
+    fn set_pages(&self, first: u64, last: u64) {
+        let last = last.min(self.pages.saturating_sub(1));
         let mut p = first;
         while p <= last && p < self.pages {
             let (i, bit) = ((p / 8) as usize, (p % 8) as u8);
@@ -107,6 +111,28 @@ impl DirtyLog {
             // Release: the data written to these pages is visible before the bit is.
             self.byte(i).fetch_or(bits, Ordering::Release);
             p += span;
+        }
+    }
+
+    /// Marks pages `first..=last` that a device wrote, once svq has read the used entry
+    /// that reports the write (the data reached memory before the device published that
+    /// entry, and svq read it with acquire ordering). Bits already set are only looked
+    /// at: on a busy queue most writes land in pages already dirty in this round, and a
+    /// locked read-modify-write per element costs more than the rest of the logging.
+    /// Skipping is safe because a bit seen set has not been taken yet, so the round that
+    /// takes it copies the page after the data arrived; a round that did take it left
+    /// the bit clear, which this look sees, and then sets it. Not for svq's own writes
+    /// (its stores may still be in flight when it looks): [`DirtyLog::mark`] those.
+    #[inline]
+    pub fn mark_device_pages(&self, first: u64, last: u64) {
+        if last >= self.pages || first / 8 != last / 8 || first > last {
+            return self.set_pages(first, last);
+        }
+        // Within one byte of the bitmap: the common case.
+        let bits = (((1u16 << (last - first + 1)) - 1) << (first % 8)) as u8;
+        let byte = self.byte((first / 8) as usize);
+        if byte.load(Ordering::Relaxed) & bits != bits {
+            byte.fetch_or(bits, Ordering::Release);
         }
     }
 
@@ -161,6 +187,20 @@ mod tests {
         let mut b = [0u8; 2];
         log.bytes.read(0, &mut b);
         assert_eq!(b, [0, 0b10]);
+    }
+
+    #[test]
+    fn device_writes_mark_the_same_pages() {
+        let log = DirtyLog::new(64 << 20).unwrap();
+        log.mark_device_pages(3, 3);
+        log.mark_device_pages(3, 5); // partly set already
+        log.mark_device_pages(6, 17); // across bytes
+        log.mark_device_pages(20, 19); // empty
+        log.mark_device_pages(16383, 1 << 30); // past the log: clamped
+        let want: Vec<u64> = (3..18).chain([16383]).collect();
+        assert_eq!(log.fetch_and_clear(), want);
+        log.mark_device_pages(4, 4); // set again after the round took it
+        assert_eq!(log.fetch_and_clear(), [4]);
     }
 
     #[test]

@@ -20,6 +20,11 @@ because the machines are noisy: absolute times are for orientation only. Rows:
   4 KiB / 64 KiB element vs memcpy of the same bytes (in process, ``_native.bench_copy``).
 * **notify**: kicks and calls per element under sustained load, event idx on vs off.
 * **boundary**: one ``send`` of 256 frames vs 256 ``send`` calls of one frame.
+* **dirty**: forwarding with the dirty log attached vs without: in process (a cargo test
+  binary, ``benches/dirty_log.rs``, chains the device writes) and end to end on
+  ``sim:net``.
+* **switch**: live switches passthrough → translate → passthrough of one queue and of
+  every data queue at once, and of a 16 GiB guest's session vs a 32 MiB guest's.
 
 The ratio column is always "higher is better for svq": peer time / svq time, or svq
 throughput / peer throughput, or peer notifications / svq notifications.
@@ -41,9 +46,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _native, net, progress
+
+if TYPE_CHECKING:
+    from .session import Session
 
 MASK64 = (1 << 64) - 1
 
@@ -137,11 +145,13 @@ class Plan:
     cargo: bool
     #: Seconds the linear IOVA peer may take per kind of operation and size.
     peer_budget_s: float = 0.3
+    #: Live switches each way per row.
+    switch_reps: int = 50
 
 
 def plan(quick: bool, cargo: bool = True) -> Plan:
     if quick:
-        return Plan(True, (1_000, 10_000, 100_000), 20_000, 200_000, 6_400, 200, 3, 300, 10, cargo, 0.2)
+        return Plan(True, (1_000, 10_000, 100_000), 20_000, 200_000, 6_400, 200, 3, 300, 10, cargo, 0.2, 10)
     return Plan(False, (1_000, 10_000, 100_000, 1_000_000), 200_000, 2_000_000, 64_000, 1000, 5, 2000, 50, cargo, 2.0)
 
 
@@ -305,7 +315,13 @@ def expected_forward_checksum(segments: int, frame_size: int, elements: int, bat
     return (one * rounds) & MASK64
 
 
-def _loopback_rate(mode: str, segs: int, size: int, rounds: int, batch: int = 64, capture: Path | None = None) -> float:
+def _loopback_rate(
+    mode: str, segs: int, size: int, rounds: int, batch: int = 64, dirty_log: bool = False, capture: Path | None = None
+) -> float:
+    """Frames/s through TX→RX loopback. With ``dirty_log`` the session logs every page
+    written for the guest, and a dirty round is fetched every 50 rounds (not timed: a
+    migration fetches them from another thread); with ``capture`` it writes the frames to
+    that pcapng file."""
     from .session import Session
 
     frames = [net.frame(net.BROADCAST, bytes(size - net.NET_HDR_LEN - 14))] * batch
@@ -313,6 +329,8 @@ def _loopback_rate(mode: str, segs: int, size: int, rounds: int, batch: int = 64
         d = s.driver
         if capture is not None:
             s.start_capture(capture)
+        if dirty_log:
+            s.start_dirty_log()
 
         def round_trip() -> None:
             d.post_receive(net.RX, batch, 2048)
@@ -324,10 +342,17 @@ def _loopback_rate(mode: str, segs: int, size: int, rounds: int, batch: int = 64
 
         for _ in range(3):
             round_trip()
-        t = time.perf_counter()
-        for _ in range(rounds):
-            round_trip()
-        return batch * rounds / (time.perf_counter() - t)
+        spent, done = 0.0, 0
+        while done < rounds:
+            n = min(50, rounds - done)
+            t = time.perf_counter()
+            for _ in range(n):
+                round_trip()
+            spent += time.perf_counter() - t
+            done += n
+            if dirty_log and not s.dirty_pages():
+                raise RuntimeError("the dirty log saw no page written")
+        return batch * rounds / spent
 
 
 def forward_e2e_rows(p: Plan) -> list[Row]:
@@ -541,29 +566,33 @@ def source_tree() -> Path | None:
     return None
 
 
-def parse_rows(p: Plan) -> list[Row]:
-    names = [f"parse: validated pop {segs}seg (vs virtio-queue)" for segs in (1, 4)]
-    target = "within 1.5x of virtio-queue or faster"
-
-    def skip(why: str) -> list[Row]:
-        return [_skipped(n, "ns/chain", target, why) for n in names]
-
+def _cargo_bench(p: Plan, bench: str, what: str) -> list[dict[str, Any]] | str:
+    """The ``SVQ_BENCH {json}`` lines of ``cargo test --release --bench BENCH``, or why
+    there are none."""
     if not p.cargo:
-        return skip("--no-cargo")
+        return "--no-cargo"
     root, cargo = source_tree(), shutil.which("cargo")
     if root is None or cargo is None:
-        return skip("needs a source tree and cargo")
-    _progress("guest-ring parsing vs virtio-queue (cargo test --release --bench guest_ring_parse)")
+        return "needs a source tree and cargo"
+    _progress(f"{what} (cargo test --release --bench {bench})")
     env = dict(os.environ, SVQ_BENCH_QUICK="1" if p.quick else "0")
-    cmd = [cargo, "test", "--release", "--quiet", "--bench", "guest_ring_parse", "--", "--nocapture", "--test-threads=1"]
+    cmd = [cargo, "test", "--release", "--quiet", "--bench", bench, "--", "--nocapture", "--test-threads=1"]
     try:
         out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired:
-        return skip("cargo timed out")
+        return "cargo timed out"
     figs = [json.loads(line.split(" ", 1)[1]) for line in out.stdout.splitlines() if line.startswith("SVQ_BENCH ")]
     if out.returncode != 0 or not figs:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        return skip(f"cargo failed: {' / '.join(tail)}")
+        return f"cargo failed: {' / '.join(tail)}"
+    return figs
+
+
+def parse_rows(p: Plan) -> list[Row]:
+    target = "within 1.5x of virtio-queue or faster"
+    figs = _cargo_bench(p, "guest_ring_parse", "guest-ring parsing vs virtio-queue")
+    if isinstance(figs, str):
+        return [_skipped(f"parse: validated pop {segs}seg (vs virtio-queue)", "ns/chain", target, figs) for segs in (1, 4)]
     rows = []
     for f in figs:
         rows.append(
@@ -583,6 +612,215 @@ def parse_rows(p: Plan) -> list[Row]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------
+# Live migration: dirty logging and live switches
+# ---------------------------------------------------------------------------------------
+
+DIRTY_TARGET = "<= 10% slower"
+#: The in-process cases of ``benches/dirty_log.rs`` (segments, frame size).
+DIRTY_INPROCESS_CASES = ((1, 64), (1, 1500), (4, 1500))
+DIRTY_E2E_CASES = ((1, 64), (1, 1500))
+
+
+def dirty_rows(p: Plan) -> list[Row]:
+    """Forwarding with the dirty log attached against the same forwarding without it: in
+    process (a cargo bench: the device writes every chain, as on a receive queue) and
+    end to end (TX→RX loopback on ``sim:net``, received frames and used rings logged)."""
+    rows = []
+    figs = _cargo_bench(p, "dirty_log", "in-process forwarding with the dirty log vs without")
+    if isinstance(figs, str):
+        rows += [
+            _skipped(f"forward with dirty log in-process {s}seg {n}B (vs without)", "ns/elem", DIRTY_TARGET, figs)
+            for s, n in DIRTY_INPROCESS_CASES
+        ]
+    else:
+        for f in figs:
+            rows.append(
+                _row(
+                    f"forward with dirty log in-process {f['segments']}seg {f['frame_size']}B (vs without)",
+                    f["svq_ns"],
+                    f["peer_ns"],
+                    "ns/elem",
+                    higher_better=False,
+                    target=DIRTY_TARGET,
+                    min_ratio=0.9,
+                    elements=f["elements"],
+                    agree=f["agree"],
+                    note="" if f["agree"] else "the dirty log missed a written page or marked another",
+                )
+            )
+    for segs, size in DIRTY_E2E_CASES:
+        _progress(f"end-to-end on sim:net, {segs} segment(s), {size} B: dirty log on vs off")
+        on, off = [], []
+        # Alternated, best of each, like the other end-to-end rows.
+        for _ in range(p.e2e_reps):
+            on.append(_loopback_rate("translate", segs, size, p.e2e_rounds, dirty_log=True))
+            off.append(_loopback_rate("translate", segs, size, p.e2e_rounds))
+        rows.append(
+            _row(
+                f"forward with dirty log end-to-end {segs}seg {size}B (vs without)",
+                max(on),
+                max(off),
+                "frames/s",
+                higher_better=True,
+                target=DIRTY_TARGET,
+                min_ratio=0.9,
+                svq_runs=on,
+                peer_runs=off,
+            )
+        )
+    return rows
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _loopback(s: Session, n: int = 8) -> None:
+    """A few frames through TX→RX loopback: the rings move between switches, and each mode
+    is shown to carry traffic."""
+    from .session import Mode
+
+    frames = [net.frame(net.BROADCAST, bytes(64 - net.NET_HDR_LEN - 14))] * n
+    shadowed_rx = s.modes[net.RX] is not Mode.PASSTHROUGH
+    forwarded = s.stats(net.RX)["elements"] if shadowed_rx else 0
+    s.driver.post_receive(net.RX, n, 2048)
+    if shadowed_rx:
+        # The device drops frames that find no receive buffer, as a NIC does. With RX
+        # shadowed and TX not, the frames would reach the device straight from the guest
+        # while the buffers still cross the shadow: wait until they are on its ring.
+        deadline = time.monotonic() + 10
+        while s.stats(net.RX)["elements"] < forwarded + n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the shadow did not forward the receive buffers")
+            time.sleep(50e-6)
+    s.driver.send(net.TX, frames)
+    got = s.driver.wait(net.RX, n)
+    s.driver.wait(net.TX, n)
+    if len(got) != n or got[0][2] != frames[0]:
+        raise RuntimeError("loopback lost or corrupted a frame across a switch")
+
+
+def _switch_pair(s: Session, queues: Sequence[int]) -> tuple[float, float]:
+    """Seconds of one switch of ``queues`` from passthrough to translate and one back, as
+    the caller sees them, with traffic before each."""
+    clock = time.perf_counter
+    _loopback(s)
+    t = clock()
+    s.switch(queues, "translate")
+    there = clock() - t
+    _loopback(s)
+    t = clock()
+    s.switch(queues, "passthrough")
+    return there, clock() - t
+
+
+def _session_for_switch(memory: tuple[int, int]) -> Session:
+    from .session import Mode, Session
+
+    # Started in passthrough (guest memory mapped at IOVA = guest address, which a switch
+    # back to passthrough needs); the control queue's mode is fixed for the session.
+    return Session("sim:net", mode=Mode.PASSTHROUGH, queue_modes={net.CTRL: Mode.COPY}, memory=[memory])
+
+
+SWITCH_TARGET = "<= 10 ms"
+SWITCH_MAX_US = 10_000.0
+GUEST_LARGE = (1 << 30, 16 << 30)
+GUEST_SMALL = (1 << 30, 32 << 20)
+
+
+def switch_rows(p: Plan) -> list[Row]:
+    """Live switches passthrough → translate → passthrough on ``sim:net`` with frames
+    flowing between them: one queue, every data queue of the session at once, and the
+    session of a 16 GiB guest against the same switch on a 32 MiB guest. Median of the
+    repetitions, in µs as the caller of ``Session.switch`` sees them."""
+    reps = p.switch_reps
+    med = statistics.median
+    rows = []
+    data = [net.RX, net.TX]
+    _progress(f"live switch of one queue and of the session, {reps} times each way")
+    with _session_for_switch(GUEST_SMALL) as s:
+        one: list[tuple[float, float]] = []
+        both: list[tuple[float, float]] = []
+        pause: list[float] = []
+        apart: list[tuple[float, float]] = []
+        for _ in range(reps):
+            one.append(_switch_pair(s, [net.RX]))
+            both.append(_switch_pair(s, data))
+            # Peers: the device's bare suspend + resume (every switch has one), and the
+            # data queues switched one call at a time.
+            t = time.perf_counter()
+            s.suspend()
+            s.resume()
+            pause.append(time.perf_counter() - t)
+            per_queue = [_switch_pair(s, [q]) for q in data]
+            apart.append((sum(x[0] for x in per_queue), sum(x[1] for x in per_queue)))
+    us = 1e6
+    for k, way in enumerate(("passthrough->translate", "translate->passthrough")):
+        rows.append(
+            _row(
+                f"switch 1 queue {way} (vs device suspend+resume)",
+                med(x[k] for x in one) * us,
+                med(pause) * us,
+                "us",
+                higher_better=False,
+                target=SWITCH_TARGET,
+                svq_max=SWITCH_MAX_US,
+                note="informational ratio: the device's pause alone",
+                svq_max_us=max(x[k] for x in one) * us,
+            )
+        )
+    for k, way in enumerate(("passthrough->translate", "translate->passthrough")):
+        rows.append(
+            _row(
+                f"switch session (2 data queues) {way} (vs one queue at a time)",
+                med(x[k] for x in both) * us,
+                med(x[k] for x in apart) * us,
+                "us",
+                higher_better=False,
+                target=SWITCH_TARGET,
+                svq_max=SWITCH_MAX_US,
+                svq_max_us=max(x[k] for x in both) * us,
+            )
+        )
+
+    _progress(f"live switch of a 16 GiB guest's session vs a 32 MiB guest's, {reps} times each way")
+    rss0 = _rss_bytes()
+    with _session_for_switch(GUEST_LARGE) as big, _session_for_switch(GUEST_SMALL) as small:
+        large_t: list[tuple[float, float]] = []
+        small_t: list[tuple[float, float]] = []
+        for i in range(reps):
+            # Alternated (and which goes first too) so both see the same machine.
+            if i % 2:
+                large_t.append(_switch_pair(big, data))
+                small_t.append(_switch_pair(small, data))
+            else:
+                small_t.append(_switch_pair(small, data))
+                large_t.append(_switch_pair(big, data))
+        rss_growth = max(0, _rss_bytes() - rss0)
+    # The guest's memory is a sparse memfd: svq maps its regions and never touches their
+    # pages, so the 16 GiB cost neither time nor resident memory.
+    note = "" if rss_growth < 256 << 20 else f"resident memory grew by {rss_growth >> 20} MiB"
+    for k, way in enumerate(("passthrough->translate", "translate->passthrough")):
+        rows.append(
+            _row(
+                f"switch 16 GiB guest session {way} (vs 32 MiB guest)",
+                med(x[k] for x in large_t) * us,
+                med(x[k] for x in small_t) * us,
+                "us",
+                higher_better=False,
+                target=f"{SWITCH_TARGET}, ~1.0x the 32 MiB guest (>= 0.5x)",
+                min_ratio=0.5,
+                svq_max=SWITCH_MAX_US,
+                note=note,
+                svq_max_us=max(x[k] for x in large_t) * us,
+                rss_growth_bytes=rss_growth,
+            )
+        )
+    return rows
+
+
 SECTIONS: dict[str, Callable[[Plan], list[Row]]] = {
     "iova": iova_rows,
     "forward": forward_inprocess_rows,
@@ -592,6 +830,8 @@ SECTIONS: dict[str, Callable[[Plan], list[Row]]] = {
     "copy": copy_rows,
     "notify": notify_rows,
     "boundary": boundary_rows,
+    "dirty": dirty_rows,
+    "switch": switch_rows,
 }
 
 

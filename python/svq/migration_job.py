@@ -123,14 +123,19 @@ class NetStream(threading.Thread):
             self.stream.times.append(now)
 
     def run(self) -> None:
-        phase, n, rx_out, tx_out = "post", 0, 0, 0
+        phase, n, rx_out, tx_out, tail = "post", 0, 0, 0, False
         try:
             while True:
                 s = self.carrier.current()
                 try:
                     if phase == "post":
                         if self.sent >= self.total and self.carrier.settled.is_set():
-                            return
+                            if tail:
+                                return
+                            # One batch more once the guest runs on the destination: its
+                            # completions close the downtime window even when nothing
+                            # was in flight across the stop.
+                            tail = True
                         n = min(self.batch, self.total - self.sent) if self.sent < self.total else self.batch
                         s.driver.post_receive(net.RX, n, 2048)
                         rx_out += n

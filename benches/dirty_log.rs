@@ -1,0 +1,215 @@
+//! Dirty logging's cost on the forwarding path: svq's translate-mode `ShadowQueue` driven
+//! in process (the same harness as `svq bench`'s in-process forwarding rows, with chains
+//! the device writes into, as on a receive queue) with a `DirtyLog` attached against the
+//! same queue without one, alternating in the same run.
+//!
+//! A cargo test binary like `guest_ring_parse.rs` (the library's in-process bench module
+//! is built only into the Python extension); it prints one `SVQ_BENCH {json}` line per
+//! case, which `svq bench` parses:
+//!
+//! ```sh
+//! cargo test --release --bench dirty_log -- --nocapture
+//! ```
+//!
+//! Per batch of 32: the guest publishes chains of device-writable buffers, svq forwards
+//! them (timed), the device completes every chain with its whole writable length, svq
+//! reaps (timed): with the log attached that is where every written page and the guest's
+//! used ring are marked. The log is fetched and cleared every 64 batches, untimed, like a
+//! migration's dirty rounds (far more often than a real one). Each run checks that the log
+//! held exactly the pages of the buffers and of the used ring. `SVQ_BENCH_QUICK=1`
+//! shortens the run.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use svq::dirty::DirtyLog;
+use svq::eventfd::EventFd;
+use svq::fault::QueueHealth;
+use svq::mem::GuestMemory;
+use svq::ring::{Buf, BufferSpace, Chain, Descriptor, RingLayout, RingReader, RingWriter};
+use svq::shadow::{Forwarding, QueueStats, RegionIova, ShadowFds, ShadowParts, ShadowQueue};
+
+const GPA: u64 = 0x4000_0000;
+const SIZE: u64 = 4 << 20;
+const BUF_BASE: u64 = GPA + 0x10_0000;
+const STRIDE: u64 = 2048;
+const IOVA: u64 = 0x1_0000_0000;
+const QUEUE: u16 = 256;
+const BATCH: usize = 32;
+const PAGE: u64 = 4096;
+/// Batches per dirty round.
+const ROUND: u64 = 64;
+
+/// The device's view: the guest region at its IOVA.
+struct DeviceSpace;
+impl BufferSpace for DeviceSpace {
+    const NAME: &'static str = "the bench device's IOTLB";
+    fn check(&self, addr: u64, len: u64, _write: bool) -> bool {
+        addr >= IOVA && addr.checked_add(len).is_some_and(|e| e <= IOVA + SIZE)
+    }
+    fn read_desc(&self, _table: u64, _i: u32) -> Option<Descriptor> {
+        None
+    }
+}
+
+fn segment_lens(frame: usize, segments: usize) -> Vec<u32> {
+    let per = frame.div_ceil(segments).max(1);
+    (0..frame).step_by(per).map(|at| per.min(frame - at) as u32).collect()
+}
+
+/// One shadowed queue and the bench playing its guest and its device.
+struct Harness {
+    sq: ShadowQueue,
+    guest: RingWriter,
+    device: RingReader,
+    chains: Vec<Vec<Buf>>,
+    chain: Chain,
+    log: Option<Arc<DirtyLog>>,
+    /// The pages a round must have logged: the buffers' and the used ring's.
+    want: BTreeSet<u64>,
+    _mem: (Arc<GuestMemory>, GuestMemory),
+}
+
+impl Harness {
+    fn new(segments: usize, frame: usize, logged: bool) -> Result<Self, String> {
+        let lens = segment_lens(frame, segments);
+        let mem = Arc::new(GuestMemory::new(&[(GPA, SIZE)]).map_err(|e| e.to_string())?);
+        let layout = RingLayout::new(QUEUE).ok_or("queue size")?;
+        let guest_ring = mem.packed_vring(GPA, layout).map_err(|e| e.to_string())?;
+        // The shadow ring in memory of its own, as a session allocates it.
+        let shadow_mem = GuestMemory::new(&[(0, 0x10_0000)]).map_err(|e| e.to_string())?;
+        let shadow_ring = shadow_mem.packed_vring(0, layout).map_err(|e| e.to_string())?;
+        let efd = || EventFd::new().map_err(|e| format!("eventfd: {e}"));
+        let fds = ShadowFds { guest_kick: Arc::new(efd()?), guest_call: Arc::new(efd()?), device_kick: efd()?, device_call: efd()? };
+        let used_gpa = GPA + layout.packed_offsets().2;
+        let mut sq = ShadowQueue::new(ShadowParts {
+            index: 0,
+            forwarding: Forwarding::Translate,
+            guest: RingReader::new(guest_ring, 0, true, false),
+            shadow: RingWriter::new(shadow_ring, 0, true),
+            mem: mem.clone(),
+            regions: vec![RegionIova { gpa: GPA, size: SIZE, iova: IOVA }],
+            fds,
+            stats: Arc::new(QueueStats::default()),
+            health: Arc::new(QueueHealth::default()),
+            bounce_space: None,
+            bounce: None,
+            used_gpa,
+        });
+        let log = logged.then(|| DirtyLog::new(GPA + SIZE).map(Arc::new)).transpose().map_err(|e| e.to_string())?;
+        sq.set_dirty_log(log.clone());
+        let mut guest = RingWriter::new(guest_ring, 0, true);
+        let mut device = RingReader::new(shadow_ring, 0, true, false);
+        device.enable_notify();
+        guest.enable_cb();
+        let addr = |j: usize, s: usize| BUF_BASE + (j * lens.len() + s) as u64 * STRIDE;
+        let chains =
+            (0..BATCH).map(|j| lens.iter().enumerate().map(|(s, &len)| Buf { addr: addr(j, s), len, write: true }).collect()).collect();
+        let mut want: BTreeSet<u64> = (0..BATCH)
+            .flat_map(|j| lens.iter().enumerate().flat_map(move |(s, &len)| (addr(j, s) / PAGE)..=((addr(j, s) + len as u64 - 1) / PAGE)))
+            .collect();
+        want.extend((used_gpa / PAGE)..=((used_gpa + layout.used_bytes() - 1) / PAGE));
+        Ok(Harness { sq, guest, device, chains, chain: Chain::default(), log, want, _mem: (mem, shadow_mem) })
+    }
+
+    /// One batch: the guest publishes, svq forwards (timed), the device completes every
+    /// chain with its whole writable length, svq reaps (timed), the guest reaps. svq's ns.
+    fn batch(&mut self) -> Result<f64, String> {
+        for c in &self.chains {
+            self.guest.add(c).map_err(|e| e.to_string())?;
+        }
+        self.guest.publish();
+        let t = Instant::now();
+        self.sq.forward();
+        let mut ns = t.elapsed().as_nanos() as f64;
+        self.device.disable_notify();
+        let mut n = 0;
+        while self.device.pop(&DeviceSpace, &mut self.chain).map_err(|e| format!("device: {e}"))? {
+            self.device.push_used(self.chain.head, self.chain.in_len as u32);
+            n += 1;
+        }
+        self.device.publish_used();
+        self.device.enable_notify();
+        let t = Instant::now();
+        self.sq.reap();
+        ns += t.elapsed().as_nanos() as f64;
+        let mut got = 0;
+        while self.guest.pop_used().map_err(|e| format!("guest: {e}"))?.is_some() {
+            got += 1;
+        }
+        self.guest.enable_cb();
+        if n != BATCH || got != BATCH || self.sq.is_broken() {
+            return Err(format!("forwarded {n} and completed {got} of {BATCH} elements"));
+        }
+        Ok(ns)
+    }
+
+    /// One dirty round (untimed): whether the log held exactly the pages written.
+    fn round(&mut self) -> bool {
+        self.log.as_deref().is_none_or(|log| log.fetch_and_clear().into_iter().collect::<BTreeSet<_>>() == self.want)
+    }
+}
+
+/// What [`measure`] found: svq's ns per element with the log and without, each the best
+/// dirty round (`ROUND` batches) of its own, and whether every round logged exactly.
+struct Figures {
+    logged_ns: f64,
+    plain_ns: f64,
+    exact: bool,
+}
+
+/// The logged queue and the plain one, a batch of each in turn (so that both see the same
+/// machine), for `rounds` dirty rounds.
+fn measure(segments: usize, frame: usize, rounds: u64) -> Result<Figures, String> {
+    let (mut logged, mut plain) = (Harness::new(segments, frame, true)?, Harness::new(segments, frame, false)?);
+    let (mut best_logged, mut best_plain, mut exact) = (f64::MAX, f64::MAX, true);
+    for r in 0..rounds {
+        let (mut tl, mut tp) = (0f64, 0f64);
+        for b in 0..ROUND {
+            // Which goes first alternates, so neither always finds the caches warm.
+            if b % 2 == 0 {
+                tl += logged.batch()?;
+                tp += plain.batch()?;
+            } else {
+                tp += plain.batch()?;
+                tl += logged.batch()?;
+            }
+        }
+        exact &= logged.round();
+        if r > 0 {
+            best_logged = best_logged.min(tl);
+            best_plain = best_plain.min(tp);
+        }
+    }
+    let per = |t: f64| t / (ROUND as usize * BATCH) as f64;
+    Ok(Figures { logged_ns: per(best_logged), plain_ns: per(best_plain), exact })
+}
+
+#[test]
+fn dirty_log_vs_none() {
+    let quick = std::env::var("SVQ_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let rounds = if quick { 40 } else { 400 };
+    for (segments, frame) in [(1, 64), (1, 1500), (4, 1500)] {
+        let f = measure(segments, frame, rounds).unwrap();
+        assert!(f.exact, "the dirty log missed a written page or marked another");
+        println!(
+            "SVQ_BENCH {{\"segments\": {segments}, \"frame_size\": {frame}, \"elements\": {}, \"svq_ns\": {:.3}, \"peer_ns\": {:.3}, \"agree\": {}}}",
+            rounds * ROUND * BATCH as u64,
+            f.logged_ns,
+            f.plain_ns,
+            f.exact
+        );
+    }
+}
+
+#[test]
+fn zz_profile_one() {
+    let Ok(v) = std::env::var("SVQ_PROFILE") else { return };
+    let segs: usize = std::env::var("SVQ_PROFILE_SEGS").map_or(1, |v| v.parse().unwrap());
+    let size: usize = std::env::var("SVQ_PROFILE_SIZE").map_or(64, |v| v.parse().unwrap());
+    let mut h = Harness::new(segs, size, v == "log").unwrap();
+    for _ in 0..10_000 {
+        h.batch().unwrap();
+    }
+}
