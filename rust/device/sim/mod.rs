@@ -498,13 +498,18 @@ fn run(shared: &Shared) {
         // Drain, then look at `stop`: a stop request stores the flag before it signals, so
         // a signal consumed here is never one whose flag goes unseen.
         shared.wake.drain();
-        kicks.iter().for_each(|k| {
-            k.drain();
-        });
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
         let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Only kicks still attached are drained: one replaced while this thread slept (a
+        // live switch hands the guest's kick eventfd to svq's engine) belongs to its new
+        // reader, and a kick consumed here would be lost to it.
+        for k in &kicks {
+            if st.queues.iter().any(|q| q.kick.as_ref().is_some_and(|c| Arc::ptr_eq(c, k))) {
+                k.drain();
+            }
+        }
         st.process();
     }
 }
