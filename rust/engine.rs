@@ -1,10 +1,11 @@
-//! The event loop: one worker thread per session waits on the guests' kick eventfds, the
-//! device's call eventfds and the device's config interrupt, and runs the shadow queues.
-//! Python is never on this path.
+//! The event loop: a session's shadow queues spread over one or more worker threads
+//! (lanes); each queue is owned by one lane, which waits on its guest kick and device
+//! call eventfds and runs it, so nothing on the per-element path takes a lock. Lane 0
+//! also watches the device's config interrupt. Python is never on this path.
 //!
-//! The engine can be stopped from any thread, its own included (a hook that closes its
-//! session): then the thread cannot be joined, so whoever stops it hands over the rest of
-//! the teardown, which the engine thread runs after its loop, on the queues it owns.
+//! The engine can be stopped from any thread, a lane's own included (a hook that closes
+//! its session): then that thread cannot be joined, so whoever stops it hands over the
+//! rest of the teardown, which that lane runs after its loop, on every lane's queues.
 
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
@@ -81,6 +82,9 @@ pub enum Request {
         /// The queue, when the engine had it.
         done: SyncSender<Option<Box<ShadowQueue>>>,
     },
+    /// Break every queue of the lane (another lane saw the device need a reset, or
+    /// panicked).
+    Fail(Fault),
 }
 
 impl Request {
@@ -97,6 +101,7 @@ impl Request {
             Request::Release { done, .. } => {
                 let _ = done.send(None);
             }
+            Request::Fail(_) => {}
         }
     }
 }
@@ -116,8 +121,8 @@ struct Inbox {
 /// A queue every fault on the device reaches: its index, health and guest notifier.
 pub type Watched = (u32, Arc<QueueHealth>, Arc<EventFd>);
 
-/// A running engine. [`Engine::stop`] returns the shadow queues.
-pub struct Engine {
+/// One worker thread and the queues it owns.
+struct Lane {
     stop: Arc<EventFd>,
     wake: Arc<EventFd>,
     inbox: Arc<Mutex<Inbox>>,
@@ -126,9 +131,53 @@ pub struct Engine {
     thread: Option<JoinHandle<Vec<ShadowQueue>>>,
 }
 
+impl Lane {
+    /// Hands work to the lane; once it stopped, each request is cancelled at once.
+    fn submit(&self, reqs: Vec<Request>) {
+        if reqs.is_empty() {
+            return;
+        }
+        let mut inbox = lock(&self.inbox);
+        if inbox.closed {
+            drop(inbox);
+            reqs.into_iter().for_each(|r| r.cancel(InjectError::Closed));
+            return;
+        }
+        inbox.requests.extend(reqs);
+        drop(inbox);
+        self.wake.signal();
+    }
+}
+
+/// A running engine. [`Engine::stop`] returns the shadow queues.
+pub struct Engine {
+    lanes: Vec<Lane>,
+    /// The lane each queue goes to (queues not listed: lane 0), also when adopted later.
+    places: Vec<(u32, usize)>,
+}
+
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Engine").field("queues", &self.queues).finish()
+        let queues: Vec<&Vec<u32>> = self.lanes.iter().map(|l| &l.queues).collect();
+        f.debug_struct("Engine").field("lanes", &queues).finish()
+    }
+}
+
+/// The lanes a session may use by default: one per CPU this process may run on.
+pub fn default_workers() -> usize {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; the kernel fills it.
+    let count = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) == 0 {
+            libc::CPU_COUNT(&set) as usize
+        } else {
+            0
+        }
+    };
+    if count > 0 {
+        count
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
     }
 }
 
@@ -149,9 +198,7 @@ fn lock(m: &Mutex<Inbox>) -> std::sync::MutexGuard<'_, Inbox> {
 }
 
 impl Engine {
-    /// Starts the worker thread over `queues`. `config_call` is the device's config
-    /// interrupt; when it fires with NEEDS_RESET set, every queue in `watched` is marked
-    /// broken and its guest woken.
+    /// Starts one worker thread: see [`Engine::start_lanes`].
     pub fn start(
         queues: Vec<ShadowQueue>,
         device: Arc<dyn Device>,
@@ -159,101 +206,213 @@ impl Engine {
         watched: Vec<Watched>,
         busy_poll: Duration,
     ) -> Result<Self, Errno> {
-        let stop = Arc::new(EventFd::new()?);
-        let wake = Arc::new(EventFd::new()?);
-        let inbox = Arc::new(Mutex::new(Inbox::default()));
-        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
-        epoll.add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, STOP))?;
-        epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, INBOX))?;
-        epoll.add(config_call.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, CONFIG))?;
-        for q in &queues {
-            watch(&epoll, q)?;
+        Self::start_lanes(queues, Vec::new(), device, config_call, watched, busy_poll)
+    }
+
+    /// Starts the worker threads over `queues`, each queue on the lane `places` gives it
+    /// (lane 0 when not listed; as many lanes as the highest lane named, plus one).
+    /// `config_call` is the device's config interrupt; when it fires with NEEDS_RESET
+    /// set, every queue in `watched` is marked broken and its guest woken, and every
+    /// shadowed queue fails.
+    pub fn start_lanes(
+        queues: Vec<ShadowQueue>,
+        places: Vec<(u32, usize)>,
+        device: Arc<dyn Device>,
+        config_call: EventFd,
+        watched: Vec<Watched>,
+        busy_poll: Duration,
+    ) -> Result<Self, Errno> {
+        let n = places.iter().map(|&(_, l)| l + 1).max().unwrap_or(1);
+        let place = |q: u32| places.iter().find(|(i, _)| *i == q).map_or(0, |&(_, l)| l);
+        let mut per_lane: Vec<Vec<ShadowQueue>> = (0..n).map(|_| Vec::new()).collect();
+        for q in queues {
+            per_lane[place(q.index)].push(q);
         }
-        let indices = queues.iter().map(|q| q.index).collect();
-        let poll = Poll::new(busy_poll);
-        let ctx = Worker { epoll, device, config_call, watched, stop: stop.clone(), wake: wake.clone(), inbox: inbox.clone(), poll };
-        let token = ThreadToken::new();
-        let thread = std::thread::Builder::new()
-            .name("svq-engine".into())
-            .spawn(move || {
-                let _token = token;
-                ctx.run(queues)
-            })
-            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)))?;
-        let thread_id = thread.thread().id();
-        Ok(Engine { stop, wake, inbox, queues: indices, thread_id, thread: Some(thread) })
+        let mut parts = Vec::with_capacity(n);
+        for _ in 0..n {
+            parts.push((Arc::new(EventFd::new()?), Arc::new(EventFd::new()?), Arc::new(Mutex::new(Inbox::default()))));
+        }
+        let peers: Vec<Peer> = parts.iter().map(|(_, wake, inbox)| (inbox.clone(), wake.clone())).collect();
+        let mut config_call = Some(config_call);
+        let mut watched = Some(watched);
+        let mut engine = Engine { lanes: Vec::with_capacity(n), places: places.clone() };
+        for (k, (queues, (stop, wake, inbox))) in per_lane.into_iter().zip(parts).enumerate() {
+            let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+            epoll.add(stop.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, STOP))?;
+            epoll.add(wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, INBOX))?;
+            let config_call = if k == 0 { config_call.take() } else { None };
+            if let Some(c) = &config_call {
+                epoll.add(c.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, CONFIG))?;
+            }
+            for q in &queues {
+                watch(&epoll, q)?;
+            }
+            let indices = queues.iter().map(|q| q.index).collect();
+            let peers = peers.iter().enumerate().filter(|(i, _)| *i != k).map(|(_, p)| p.clone()).collect();
+            let ctx = Worker {
+                epoll,
+                device: device.clone(),
+                config_call,
+                watched: if k == 0 { watched.take().unwrap_or_default() } else { Vec::new() },
+                stop: stop.clone(),
+                wake: wake.clone(),
+                inbox: inbox.clone(),
+                poll: Poll::new(busy_poll),
+                peers,
+            };
+            let token = ThreadToken::new();
+            let name = if k == 0 { "svq-engine".to_owned() } else { format!("svq-engine-{k}") };
+            // A lane that cannot start stops the ones before it (the engine's drop).
+            let thread = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let _token = token;
+                    ctx.run(queues)
+                })
+                .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)))?;
+            let thread_id = thread.thread().id();
+            engine.lanes.push(Lane { stop, wake, inbox, queues: indices, thread_id, thread: Some(thread) });
+        }
+        Ok(engine)
+    }
+
+    /// Number of worker threads.
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// The lane that owns queue `q`, if any.
+    fn owner(&self, q: u32) -> Option<usize> {
+        self.lanes.iter().position(|l| l.queues.contains(&q))
+    }
+
+    /// The lane queue `q` goes to.
+    fn place(&self, q: u32) -> usize {
+        self.places.iter().find(|(i, _)| *i == q).map_or(0, |&(_, l)| l.min(self.lanes.len() - 1))
     }
 
     /// Whether queue `q` is shadowed by this engine.
     pub fn has_queue(&self, q: u32) -> bool {
-        self.queues.contains(&q)
+        self.owner(q).is_some()
     }
 
-    /// Whether the caller runs on the engine thread (inside a hook).
+    /// Whether the caller runs on one of the engine's threads (inside a hook).
     pub fn on_engine_thread(&self) -> bool {
-        std::thread::current().id() == self.thread_id
+        let me = std::thread::current().id();
+        self.lanes.iter().any(|l| l.thread_id == me)
     }
 
     /// Takes over a shadowed queue (events and all) while running.
     pub fn adopt(&mut self, queue: ShadowQueue) -> Result<(), Errno> {
         let index = queue.index;
+        let lane = self.place(index);
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.submit(vec![Request::Adopt { queue: Box::new(queue), done: tx }]);
+        self.lanes[lane].submit(vec![Request::Adopt { queue: Box::new(queue), done: tx }]);
         rx.recv().unwrap_or(Err(Errno::ESHUTDOWN))?;
-        self.queues.push(index);
+        self.lanes[lane].queues.push(index);
         Ok(())
     }
 
     /// Gives a shadowed queue back (its events are no longer watched).
     pub fn release(&mut self, index: u32) -> Option<ShadowQueue> {
+        let lane = self.owner(index)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.submit(vec![Request::Release { queue: index, done: tx }]);
+        self.lanes[lane].submit(vec![Request::Release { queue: index, done: tx }]);
         let q = rx.recv().ok().flatten()?;
-        self.queues.retain(|&i| i != index);
+        self.lanes[lane].queues.retain(|&i| i != index);
         Some(*q)
     }
 
-    /// Hands work to the engine thread; after the engine stopped, each request is
-    /// cancelled with [`InjectError::Closed`] at once.
+    /// Hands work to the lanes owning the queues it names (a queue no lane owns: the
+    /// lane it would go to, which refuses it); after the engine stopped, each request is
+    /// cancelled with [`InjectError::Closed`] at once. A dirty log goes through
+    /// [`Engine::set_log`].
     pub fn submit(&self, reqs: Vec<Request>) {
-        let mut inbox = lock(&self.inbox);
-        if inbox.closed {
-            drop(inbox);
-            reqs.into_iter().for_each(|r| r.cancel(InjectError::Closed));
-            return;
+        let mut per_lane: Vec<Vec<Request>> = self.lanes.iter().map(|_| Vec::new()).collect();
+        for r in reqs {
+            let lane = match &r {
+                Request::Inject { queue, .. }
+                | Request::Hook { queue, .. }
+                | Request::Capture { queue, .. }
+                | Request::Release { queue, .. } => self.owner(*queue).unwrap_or_else(|| self.place(*queue)),
+                Request::Adopt { queue, .. } => self.place(queue.index),
+                Request::Log { .. } if self.lanes.len() > 1 => {
+                    r.cancel(InjectError::Invalid("a dirty log is attached with Engine::set_log".into()));
+                    continue;
+                }
+                Request::Log { .. } | Request::Fail(_) => 0,
+            };
+            per_lane[lane].push(r);
         }
-        inbox.requests.extend(reqs);
-        drop(inbox);
-        self.wake.signal();
+        for (lane, reqs) in self.lanes.iter().zip(per_lane) {
+            lane.submit(reqs);
+        }
     }
 
-    /// Stops the worker and hands back the queues (for draining and teardown). Must not
-    /// be called on the engine thread (see [`Engine::stop_from_engine_thread`]).
+    /// Attaches (or detaches) the dirty log on every queue of every lane; each slot
+    /// completes once its lane's queues log.
+    pub fn set_log(&self, log: Option<Arc<DirtyLog>>) -> Vec<Arc<InjectSlot>> {
+        self.lanes
+            .iter()
+            .map(|lane| {
+                let done = Arc::new(InjectSlot::default());
+                lane.submit(vec![Request::Log { log: log.clone(), done: done.clone() }]);
+                done
+            })
+            .collect()
+    }
+
+    /// Stops the workers and hands back the queues, by index (for draining and
+    /// teardown). Must not be called on an engine thread (see
+    /// [`Engine::stop_from_engine_thread`]).
     pub fn stop(mut self) -> Vec<ShadowQueue> {
-        self.stop.signal();
-        self.thread.take().and_then(|t| t.join().ok()).unwrap_or_default()
+        self.lanes.iter().for_each(|l| l.stop.signal());
+        let mut queues: Vec<ShadowQueue> =
+            self.lanes.iter_mut().filter_map(|l| l.thread.take()).flat_map(|t| t.join().unwrap_or_default()).collect();
+        queues.sort_by_key(|q| q.index);
+        queues
     }
 
-    /// Stops the worker from its own thread: the loop ends once the current event is
-    /// handled, then `teardown` runs there on the queues, and the thread exits.
+    /// Stops the workers from one of their own threads: that lane's loop ends once the
+    /// current event is handled, then it joins the other lanes and runs `teardown`
+    /// there on every queue, and the thread exits.
     pub fn stop_from_engine_thread(mut self, teardown: Teardown) {
-        lock(&self.inbox).teardown = Some(teardown);
-        self.stop.signal();
+        let me = std::thread::current().id();
+        let Some(mine) = self.lanes.iter().position(|l| l.thread_id == me) else {
+            // Not on an engine thread after all: an ordinary stop.
+            return teardown(self.stop());
+        };
+        self.lanes.iter().for_each(|l| l.stop.signal());
+        // Joined by this lane once its hook returned (a hook may hold what another lane
+        // waits for, the GIL for one).
+        let others: Vec<JoinHandle<Vec<ShadowQueue>>> =
+            self.lanes.iter_mut().enumerate().filter(|(k, _)| *k != mine).filter_map(|(_, l)| l.thread.take()).collect();
+        lock(&self.lanes[mine].inbox).teardown = Some(Box::new(move |mut queues| {
+            for t in others {
+                queues.extend(t.join().unwrap_or_default());
+            }
+            queues.sort_by_key(|q| q.index);
+            teardown(queues)
+        }));
         // Detached: the thread finishes on its own (and is counted until it does).
-        drop(self.thread.take());
+        drop(self.lanes[mine].thread.take());
     }
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.stop.signal();
-            if std::thread::current().id() != t.thread().id() {
+        self.lanes.iter().for_each(|l| l.stop.signal());
+        let me = std::thread::current().id();
+        for t in self.lanes.iter_mut().filter_map(|l| l.thread.take()) {
+            if t.thread().id() != me {
                 let _ = t.join();
             }
         }
     }
 }
+
+/// Another lane's inbox and wake-up.
+type Peer = (Arc<Mutex<Inbox>>, Arc<EventFd>);
 
 /// The adaptive poll: after work, the engine keeps looking at the rings (notifications
 /// off, so neither the guest nor the device pays for a kick or a call) for a window that
@@ -292,14 +451,29 @@ struct Worker {
     poll: Poll,
     epoll: Epoll,
     device: Arc<dyn Device>,
-    config_call: EventFd,
+    /// Lane 0's: the device's config interrupt.
+    config_call: Option<EventFd>,
     watched: Vec<Watched>,
     stop: Arc<EventFd>,
     wake: Arc<EventFd>,
     inbox: Arc<Mutex<Inbox>>,
+    /// The other lanes, told when every queue must fail.
+    peers: Vec<Peer>,
 }
 
 impl Worker {
+    /// Breaks every queue of the other lanes with `fault`.
+    fn tell_peers(&self, fault: &Fault) {
+        for (inbox, wake) in &self.peers {
+            let mut inbox = lock(inbox);
+            if !inbox.closed {
+                inbox.requests.push(Request::Fail(fault.clone()));
+                drop(inbox);
+                wake.signal();
+            }
+        }
+    }
+
     /// Runs until told to stop, then hands the queues back (or tears them down itself
     /// when stopped from this thread). A panic while handling an event (a bug in svq or
     /// in a hook) breaks every queue with an internal fault and ends the loop, still
@@ -335,9 +509,11 @@ impl Worker {
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_else(|| "unknown panic".into());
+            let fault = Fault::Internal(why);
             for q in &mut queues {
-                q.fail(Fault::Internal(why.clone()));
+                q.fail(fault.clone());
             }
+            self.tell_peers(&fault);
         }
         // No request runs from now on: whoever waits on one learns it now.
         let (pending, teardown) = {
@@ -362,6 +538,10 @@ impl Worker {
             Request::Log { log, done } => {
                 queues.iter_mut().for_each(|q| q.set_dirty_log(log.clone()));
                 done.complete(Ok((0, Vec::new())));
+                None
+            }
+            Request::Fail(fault) => {
+                queues.iter_mut().for_each(|q| q.fail(fault.clone()));
                 None
             }
             Request::Adopt { queue, done } => {
@@ -467,14 +647,17 @@ impl Worker {
                 return Handled::Stop;
             }
             CONFIG => {
-                self.config_call.drain();
+                if let Some(c) = &self.config_call {
+                    c.drain();
+                }
                 if self.device.status().is_ok_and(|s| s & status::NEEDS_RESET != 0) {
                     for (q, h, wake) in &self.watched {
                         h.set(QueueFault { queue: *q, fault: Fault::DeviceNeedsReset });
                         wake.signal();
                     }
-                    // Injected elements waiting on a dead device fail now.
+                    // Injected elements waiting on a dead device fail now, on every lane.
                     queues.iter_mut().for_each(|q| q.fail(Fault::DeviceNeedsReset));
+                    self.tell_peers(&Fault::DeviceNeedsReset);
                 }
             }
             INBOX => {

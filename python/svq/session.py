@@ -218,7 +218,10 @@ class Session:
     ``busy_poll``: after work, svq's engine keeps looking at the rings for up to this
     many seconds (an adaptive window, notifications off, so neither side pays for a
     notification during a burst) before it re-arms notifications and sleeps; 0 never
-    polls. An idle session costs no CPU either way.
+    polls. An idle session costs no CPU either way. ``workers``: engine threads the
+    shadow queues spread over, each queue on one of them (default: one per CPU this
+    process may run on; never more than the queue groups: a queue pair, the control
+    queue).
 
     ``guest``: a guest svq does not own (:class:`svq.ExternalGuest`): only its queues
     are served, in the format its driver negotiated, and ``driver`` is not available
@@ -249,8 +252,11 @@ class Session:
         busy_poll: float = 200e-6,
         guest: ExternalGuest | None = None,
         resume: SavedState | None = None,
+        workers: int | None = None,
     ) -> None:
         # Arguments first: nothing is opened for a call that cannot succeed.
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self.mode = Mode(mode)
         self.copy_strategy = CopyStrategy(copy_strategy)
         modes = [(q, Mode(m).value) for q, m in (queue_modes or {}).items()]
@@ -266,6 +272,7 @@ class Session:
             "restore_timeout": restore_timeout,
             "busy_poll": busy_poll,
             "guest": guest,
+            "workers": workers,
         }
         self._owns_device = isinstance(device, str)
         self.device = Device(device) if isinstance(device, str) else device
@@ -286,6 +293,7 @@ class Session:
                 busy_poll=busy_poll,
                 external=guest.to_native() if guest is not None else None,
                 resume=resume._native if resume is not None else None,
+                workers=workers or 0,
             )
         except BaseException:
             if self._owns_device:
@@ -304,6 +312,11 @@ class Session:
     @property
     def num_queues(self) -> int:
         return self._s.num_queues
+
+    @property
+    def workers(self) -> int:
+        """Engine threads serving the shadow queues (zero once closed)."""
+        return self._s.workers
 
     @property
     def features(self) -> int:

@@ -70,7 +70,8 @@ fn parse_mac(s: &str) -> PyResult<[u8; 6]> {
 impl Device {
     /// Opens `spec`: "sim:net", "sim:blk", a path such as /dev/vhost-vdpa-0, or a vdpa
     /// device name such as "vdpa0". The embedded net device takes options:
-    /// "sim:net,mac=52:54:00:12:34:56,mtu=1500", and "echo=10.0.0.2[,echo_mac=M]" to play a
+    /// "sim:net,mac=52:54:00:12:34:56,mtu=1500", "pairs=N" for N queue pairs (1..=8, MQ),
+    /// and "echo=10.0.0.2[,echo_mac=M]" to play a
     /// peer host answering ARP and ping at that address instead of looping frames back;
     /// blk takes "sim:blk,sectors=N,disk=NAME,latency_us=N": devices naming the same disk
     /// share its data (as hosts share storage, for a migration between them), and with a
@@ -88,6 +89,7 @@ impl Device {
             let mut echo_mac = crate::device::sim::echo::DEFAULT_MAC;
             let mut disk_name: Option<String> = None;
             let mut latency = std::time::Duration::ZERO;
+            let mut pairs = 1u16;
             for opt in parts {
                 let (k, v) = opt.split_once('=').ok_or_else(|| PyValueError::new_err(format!("bad option {opt:?} in {spec:?}")))?;
                 let num = |v: &str| v.parse::<u64>().map_err(|_| PyValueError::new_err(format!("bad number {v:?} in {spec:?}")));
@@ -99,6 +101,7 @@ impl Device {
                         echo_ip = Some(ip.octets());
                     }
                     ("net", "echo_mac") => echo_mac = parse_mac(v)?,
+                    ("net", "pairs") if (1..=8).contains(&num(v)?) => pairs = num(v)? as u16,
                     ("net", "mtu") => mtu = u16::try_from(num(v)?).map_err(|_| PyValueError::new_err("mtu must fit 16 bits"))?,
                     ("blk", "sectors") if num(v)? > 0 && num(v)? <= (1 << 24) => sectors = num(v)?,
                     ("blk", "disk") if !v.is_empty() => disk_name = Some(v.to_owned()),
@@ -107,10 +110,10 @@ impl Device {
                 }
             }
             let dev = match kind {
-                "net" => match echo_ip {
-                    Some(ip) => py.detach(|| SimDevice::net_echo(mac, mtu, crate::device::sim::echo::Echo { ip, mac: echo_mac })),
-                    None => py.detach(|| SimDevice::net(mac, mtu)),
-                },
+                "net" => {
+                    let echo = echo_ip.map(|ip| crate::device::sim::echo::Echo { ip, mac: echo_mac });
+                    py.detach(|| SimDevice::net_multiqueue(mac, mtu, echo, pairs))
+                }
                 "blk" => {
                     let disk = match &disk_name {
                         Some(name) => crate::device::sim::blk::Disk::named(name, sectors),

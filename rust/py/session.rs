@@ -184,7 +184,7 @@ impl Session {
     /// `copy_strategy` is "pool" or "per-element"; `restore` a state dict as returned by
     /// `net_state()`.
     #[new]
-    #[pyo3(signature = (device, *, mode, queue_size, memory, event_idx, indirect, queue_modes, copy_strategy, isolate_cvq, track_net_state, restore, restore_timeout, busy_poll = 200e-6, external = None, resume = None))]
+    #[pyo3(signature = (device, *, mode, queue_size, memory, event_idx, indirect, queue_modes, copy_strategy, isolate_cvq, track_net_state, restore, restore_timeout, busy_poll = 200e-6, external = None, resume = None, workers = 0))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -203,6 +203,7 @@ impl Session {
         busy_poll: f64,
         external: Option<ExternalArg>,
         resume: Option<Py<SavedState>>,
+        workers: usize,
     ) -> PyResult<Self> {
         let queue_size = queue_size.0;
         if queue_size == 0 || !queue_size.is_power_of_two() {
@@ -223,6 +224,7 @@ impl Session {
             restore_timeout: timeout(restore_timeout)?,
             busy_poll: busy_poll_window(busy_poll)?,
             resume: None,
+            workers,
         };
         let dev = device.backend()?.dyn_device();
         let guest = external.map(external_guest).transpose()?;
@@ -521,6 +523,12 @@ impl Session {
             }
         })
         .map_err(to_py)
+    }
+
+    /// Number of engine threads serving the shadow queues (zero once closed).
+    #[getter]
+    fn workers(&self, py: Python<'_>) -> usize {
+        py.detach(|| lock(&self.inner).as_ref().map_or(0, |s| s.workers()))
     }
 
     /// Captures the frames of shadowed data queues `queues` (None: all of them) into a new

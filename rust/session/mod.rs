@@ -102,6 +102,10 @@ pub struct SessionConfig {
     /// rings start where they stood, chains in flight are submitted again, and the
     /// virtio-net state is replayed before the data queues start.
     pub resume: Option<crate::migrate::DeviceState>,
+    /// Engine threads the shadow queues spread over (zero: one per CPU the process may
+    /// run on); never more than the queues' groups (a virtio-net queue pair, the control
+    /// queue, any other queue).
+    pub workers: usize,
 }
 
 impl Default for SessionConfig {
@@ -120,6 +124,7 @@ impl Default for SessionConfig {
             restore_timeout: Duration::from_secs(10),
             busy_poll: Duration::from_micros(200),
             resume: None,
+            workers: 0,
         }
     }
 }
@@ -379,6 +384,11 @@ impl Session {
     /// Counters of queue `q` (zero for a passthrough queue: svq is not on its path).
     pub fn stats(&self, q: u32) -> Option<Vec<(&'static str, u64)>> {
         self.stats.iter().find(|(i, _)| *i == q).map(|(_, s)| s.snapshot())
+    }
+
+    /// Number of engine threads running (zero once closed).
+    pub fn workers(&self) -> usize {
+        self.engine.as_ref().map_or(0, Engine::lanes)
     }
 
     fn engine_for(&self, q: u32) -> Result<&Engine, SessionError> {

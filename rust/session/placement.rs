@@ -26,6 +26,8 @@ pub(super) struct Plan {
     pub(super) cvq: Option<CvqInfo>,
     pub(super) cvq_group: u32,
     pub(super) data_queues: Vec<u32>,
+    /// A virtio-net device (its data queues come in RX/TX pairs).
+    pub(super) net: bool,
 }
 
 impl Plan {
@@ -36,9 +38,45 @@ impl Plan {
     pub(super) fn asid(&self, q: u32) -> u32 {
         self.asids.iter().find(|(i, _)| *i == q).map_or(0, |(_, a)| *a)
     }
+
+    /// The engine lane of every queue served: queues of one group (a virtio-net queue
+    /// pair; the control queue; any other queue alone) share a lane, groups go round the
+    /// lanes, and there are at most `workers` lanes (zero: one per CPU this process may
+    /// run on) and never more than groups.
+    pub(super) fn lanes(&self, workers: usize) -> Vec<(u32, usize)> {
+        let cvq = self.cvq.as_ref().map(|c| c.queue);
+        let group = |q: u32| match () {
+            _ if Some(q) == cvq => u32::MAX,
+            _ if self.net => q / 2,
+            _ => q,
+        };
+        let mut groups: Vec<u32> = Vec::new();
+        for &(q, _) in &self.modes {
+            if !groups.contains(&group(q)) {
+                groups.push(group(q));
+            }
+        }
+        let workers = if workers == 0 { crate::engine::default_workers() } else { workers };
+        let lanes = workers.min(groups.len()).max(1);
+        self.modes.iter().map(|&(q, _)| (q, groups.iter().position(|&g| g == group(q)).unwrap_or(0) % lanes)).collect()
+    }
 }
 
 impl Session {
+    /// The virtio-net queue pairs the negotiated features give: max_virtqueue_pairs from
+    /// config space with MQ, one without.
+    pub(super) fn net_pairs(&self) -> Result<u16, SessionError> {
+        if self.features & (1 << net_feature::MQ) == 0 {
+            return Ok(1);
+        }
+        let mut raw = [0u8; 2];
+        self.device.config(8, &mut raw)?;
+        match u16::from_le_bytes(raw) {
+            pairs @ 1..=0x8000 => Ok(pairs),
+            pairs => Err(SessionError::Negotiation(format!("max_virtqueue_pairs {pairs} is not within 1..=32768"))),
+        }
+    }
+
     /// Per-queue modes and address spaces for the queues in `served`, and the control
     /// queue's place.
     pub(super) fn plan(&self, cfg: &SessionConfig, id: u32, served: &[u32]) -> Result<Plan, SessionError> {
@@ -54,10 +92,15 @@ impl Session {
         let mut modes: Vec<(u32, Mode)> =
             served.iter().map(|&q| (q, cfg.queue_modes.iter().find(|(i, _)| *i == q).map_or(cfg.mode, |(_, m)| *m))).collect();
         let has_cvq = id == device_id::NET && self.features & (1 << net_feature::CTRL_VQ) != 0;
-        let mut plan = Plan { asids: Vec::new(), cvq: None, cvq_group: 0, data_queues: served.to_vec(), modes: Vec::new() };
+        let net = id == device_id::NET;
+        let mut plan = Plan { asids: Vec::new(), cvq: None, cvq_group: 0, data_queues: served.to_vec(), modes: Vec::new(), net };
         if has_cvq && n > 0 {
-            // virtio-net: the control queue is the device's last queue (spec 5.1.2).
-            let cvq = n - 1;
+            // virtio-net: the control queue follows the queue pairs, 2 * max_virtqueue_pairs
+            // with MQ, 2 without (spec 5.1.2).
+            let cvq = 2 * u32::from(self.net_pairs()?);
+            if cvq >= n {
+                return Err(SessionError::Negotiation(format!("control queue {cvq} does not exist (the device has {n} queues)")));
+            }
             if !served.contains(&cvq) {
                 return Err(SessionError::Invalid(format!("CTRL_VQ was negotiated but control queue {cvq} is not served")));
             }

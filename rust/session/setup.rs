@@ -65,6 +65,12 @@ impl Session {
                 }
                 g.queues.iter().map(|q| q.index).collect()
             }
+            // virtio-net drives the pairs its features give, and the control queue after them.
+            None if id == crate::virtio::device_id::NET => {
+                let ctrl = crate::virtio::has(self.features, crate::virtio::net_feature::CTRL_VQ);
+                let count = (2 * u32::from(self.net_pairs()?) + u32::from(ctrl)).min(self.device_queues);
+                (0..count).collect()
+            }
             None => (0..self.device_queues).collect(),
         };
         let plan = self.plan(cfg, id, &served)?;
@@ -143,7 +149,7 @@ impl Session {
                 self.guest_features = self.features & !(1 << feature::ACCESS_PLATFORM);
                 let size = cfg.queue_size.min(max);
                 let mem = Arc::new(GuestMemory::new(&cfg.memory)?);
-                let driver = Driver::new(mem.clone(), &vec![size; self.device_queues as usize], guest_event_idx, guest_indirect)?;
+                let driver = Driver::new(mem.clone(), &vec![size; served.len()], guest_event_idx, guest_indirect)?;
                 self.guest_queues = driver.guest_queues();
                 self.driver = Some(driver);
                 mem
@@ -200,7 +206,8 @@ impl Session {
         }
         dev.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK)?;
         let watched = guest_queues.iter().map(|g| (g.index, g.health.clone(), g.call.clone())).collect();
-        self.engine = Some(Engine::start(shadows, dev.clone(), config_call, watched, cfg.busy_poll).map_err(os("start engine"))?);
+        let places = plan.lanes(cfg.workers);
+        self.engine = Some(Engine::start_lanes(shadows, places, dev.clone(), config_call, watched, cfg.busy_poll).map_err(os("start engine"))?);
         if let Some(saved) = &cfg.restore {
             self.restore(saved, cfg.restore_timeout)?;
         }

@@ -188,9 +188,10 @@ impl Session {
             }
         }
         let engine = self.engine.as_ref().ok_or(SessionError::Closed)?;
-        let done = Arc::new(crate::shadow::InjectSlot::default());
-        engine.submit(vec![crate::engine::Request::Log { log: log.clone(), done: done.clone() }]);
-        Self::wait_all(0, &[done], Duration::from_secs(10))?.remove(0)?;
+        let done = engine.set_log(log.clone());
+        for r in Self::wait_all(0, &done, Duration::from_secs(10))? {
+            r?;
+        }
         self.log = log;
         Ok(())
     }

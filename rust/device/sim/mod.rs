@@ -55,6 +55,9 @@ pub enum SimKind {
         mtu: u16,
         /// Play a peer host answering ARP and ICMP echo instead of looping TX back.
         echo: Option<echo::Echo>,
+        /// Queue pairs (max_virtqueue_pairs): RX k is queue 2k, TX k queue 2k + 1, the
+        /// control queue 2 * pairs.
+        pairs: u16,
     },
     /// virtio-blk over a RAM disk.
     Blk {
@@ -181,13 +184,23 @@ pub struct SimDevice {
 impl SimDevice {
     /// A virtio-net device (rx 0, tx 1, control 2; the control queue alone in group 1).
     pub fn net(mac: [u8; 6], mtu: u16) -> DeviceResult<Self> {
-        Self::start_net(SimKind::Net { mac, mtu, echo: None })
+        Self::start_net(SimKind::Net { mac, mtu, echo: None, pairs: 1 })
     }
 
     /// A virtio-net device whose far end is a peer host at `echo.ip` answering ARP and
     /// ICMP echo (instead of the TX→RX loopback).
     pub fn net_echo(mac: [u8; 6], mtu: u16, echo: echo::Echo) -> DeviceResult<Self> {
-        Self::start_net(SimKind::Net { mac, mtu, echo: Some(echo) })
+        Self::start_net(SimKind::Net { mac, mtu, echo: Some(echo), pairs: 1 })
+    }
+
+    /// A virtio-net device with `pairs` queue pairs (1..=8, offered with MQ): rx0 tx0
+    /// rx1 tx1 ... and the control queue last, alone in group 1. A frame sent on TX k
+    /// comes back on RX k (or its echo answer does).
+    pub fn net_multiqueue(mac: [u8; 6], mtu: u16, echo: Option<echo::Echo>, pairs: u16) -> DeviceResult<Self> {
+        if !(1..=net::MAX_PAIRS).contains(&pairs) {
+            return Err(einval(format!("{pairs} queue pairs: the embedded device has 1..={}", net::MAX_PAIRS)));
+        }
+        Self::start_net(SimKind::Net { mac, mtu, echo, pairs })
     }
 
     /// A virtio-blk device over a RAM disk of `capacity` sectors.
@@ -208,7 +221,7 @@ impl SimDevice {
 
     fn start(kind: SimKind, disk: Option<blk::Disk>) -> DeviceResult<Self> {
         let (nq, ngroups, nas) = match kind {
-            SimKind::Net { .. } => (3, 2, 2),
+            SimKind::Net { pairs, .. } => (2 * usize::from(pairs) + 1, 2, 2),
             SimKind::Blk { .. } => (1, 1, 1),
         };
         let wake = EventFd::new().map_err(|e| DeviceError::os("eventfd", e))?;
@@ -298,7 +311,7 @@ impl SimState {
 
     fn config_bytes(&self) -> Vec<u8> {
         match &self.kind {
-            SimKind::Net { mac, mtu, .. } => net::config(mac, *mtu),
+            SimKind::Net { mac, mtu, pairs, .. } => net::config(mac, *mtu, *pairs),
             SimKind::Blk { capacity, .. } => blk::config(*capacity),
         }
     }
@@ -337,7 +350,7 @@ impl SimState {
 
     fn queue_asid(&self, q: usize) -> u32 {
         let group = match self.kind {
-            SimKind::Net { .. } if q == net::CTRL_QUEUE => 1,
+            SimKind::Net { pairs, .. } if q == net::ctrl_queue(pairs) => 1,
             _ => 0,
         };
         self.group_asid[group]
@@ -606,7 +619,7 @@ impl Device for SimDevice {
             return Err(einval(format!("VHOST_VDPA_GET_VRING_GROUP {queue}")));
         }
         Ok(match st.kind {
-            SimKind::Net { .. } if queue as usize == net::CTRL_QUEUE => 1,
+            SimKind::Net { pairs, .. } if queue as usize == net::ctrl_queue(pairs) => 1,
             _ => 0,
         })
     }

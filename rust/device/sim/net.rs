@@ -3,8 +3,10 @@
 //! and the configured MAC (other frames complete with length 0 and are dropped), and
 //! MAC_ADDR_SET changes the config-space MAC. Beyond the kernel simulator, the control
 //! queue implements every command class of the virtio spec that the device offers (RX
-//! modes, MAC table, VLAN filter, announce, MQ pairs up to its one pair, guest offloads)
-//! and the filter honours them; RSS and hash configuration are refused with ERR.
+//! modes, MAC table, VLAN filter, announce, MQ pairs, guest offloads) and the filter
+//! honours them; RSS and hash configuration are refused with ERR. With several queue
+//! pairs, a frame sent on TX k comes back on RX k, for the pairs MQ_VQ_PAIRS_SET put in
+//! use (pair 0 alone before it, as the spec says).
 
 use super::{SimKind, SimState};
 use crate::net::{Command, NetState, RxMode, ACK_ERR, ACK_OK};
@@ -23,12 +25,13 @@ pub(super) const FEATURES: u64 = (1 << feature::MTU)
     | (1 << feature::GUEST_ANNOUNCE)
     | (1 << feature::MQ);
 
-/// Queue pairs the device has.
-const MAX_PAIRS: u16 = 1;
+/// Queue pairs the embedded device can have.
+pub(super) const MAX_PAIRS: u16 = 8;
 
-pub(super) const RX_QUEUE: usize = 0;
-pub(super) const TX_QUEUE: usize = 1;
-pub(super) const CTRL_QUEUE: usize = 2;
+/// The control queue's index with `pairs` queue pairs.
+pub(super) fn ctrl_queue(pairs: u16) -> usize {
+    2 * usize::from(pairs)
+}
 
 /// `struct virtio_net_hdr_v1` (VERSION_1 is required, so always 12 bytes).
 pub const NET_HDR_LEN: usize = 12;
@@ -37,11 +40,11 @@ const TX_BUFFER: usize = 4096;
 
 /// Config space: mac[6], status u16, max_virtqueue_pairs u16, mtu u16, then zeroes up
 /// to 24 bytes (the size the kernel simulator reports).
-pub(super) fn config(mac: &[u8; 6], mtu: u16) -> Vec<u8> {
+pub(super) fn config(mac: &[u8; 6], mtu: u16, pairs: u16) -> Vec<u8> {
     let mut c = vec![0u8; 24];
     c[0..6].copy_from_slice(mac);
     c[6..8].copy_from_slice(&1u16.to_le_bytes()); // VIRTIO_NET_S_LINK_UP
-    c[8..10].copy_from_slice(&1u16.to_le_bytes()); // one queue pair
+    c[8..10].copy_from_slice(&pairs.to_le_bytes());
     c[10..12].copy_from_slice(&mtu.to_le_bytes());
     c
 }
@@ -78,19 +81,25 @@ fn passes_filter(frame: &[u8], mac: &[u8; 6], st: &NetState, rx_ctrl: bool, vlan
 }
 
 pub(super) fn process(st: &mut SimState) {
-    loopback(st);
-    control(st);
+    let SimKind::Net { pairs, .. } = st.kind else { return };
+    // Before MQ_VQ_PAIRS_SET only pair 0 is in use.
+    let active = if st.has(feature::MQ) { st.net.mq_pairs.clamp(1, pairs) } else { 1 };
+    for pair in 0..usize::from(active) {
+        loopback(st, 2 * pair + 1, 2 * pair);
+    }
+    control(st, ctrl_queue(pairs));
 }
 
-/// Moves TX frames to RX buffers until TX is empty or RX has no buffer.
-fn loopback(st: &mut SimState) {
+/// Moves frames of TX queue `tx` to buffers of RX queue `rx` until TX is empty or RX
+/// has no buffer.
+fn loopback(st: &mut SimState, tx: usize, rx: usize) {
     let (mac, echo) = match st.kind {
         SimKind::Net { mac, echo, .. } => (mac, echo),
         SimKind::Blk { .. } => return,
     };
     loop {
         // Take one TX frame.
-        let popped = st.with_ring(TX_QUEUE, |r, view, chain, buf, stats| {
+        let popped = st.with_ring(tx, |r, view, chain, buf, stats| {
             if !r.pop(&view, chain).map_err(|e| e.to_string())? {
                 return Ok(None);
             }
@@ -99,19 +108,19 @@ fn loopback(st: &mut SimState) {
             Ok(Some(chain.head))
         });
         let Some(Some(tx_head)) = popped else { break };
-        let tx = std::mem::take(&mut st.scratch);
+        let sent = std::mem::take(&mut st.scratch);
         // An echo responder answers (or ignores) the frame; a loopback returns it.
-        let reply = echo.map(|e| e.reply(&tx));
+        let reply = echo.map(|e| e.reply(&sent));
         let frame = match &reply {
             Some(Some(r)) => r.as_slice(),
             Some(None) => &[][..],
-            None => tx.as_slice(),
+            None => sent.as_slice(),
         };
         let mut delivered = false;
         let mut overrun = false;
         let (rx_ctrl, vlan_ctrl) = (st.has(feature::CTRL_RX), st.has(feature::CTRL_VLAN));
         if passes_filter(frame, &mac, &st.net, rx_ctrl, vlan_ctrl) {
-            let res = st.with_ring(RX_QUEUE, |r, view, chain, _, stats| {
+            let res = st.with_ring(rx, |r, view, chain, _, stats| {
                 if !r.pop(&view, chain).map_err(|e| e.to_string())? {
                     stats.rx_overruns += 1;
                     return Ok(false);
@@ -125,20 +134,20 @@ fn loopback(st: &mut SimState) {
                 Some(true) => delivered = true,
                 Some(false) => overrun = true,
                 None => {
-                    st.scratch = tx;
+                    st.scratch = sent;
                     return;
                 }
             }
         } else {
             st.stats.rx_drops += 1;
         }
-        st.scratch = tx;
-        if let Some(r) = st.queues[TX_QUEUE].reader.as_mut() {
+        st.scratch = sent;
+        if let Some(r) = st.queues[tx].reader.as_mut() {
             r.push_used(tx_head, 0);
         }
-        st.complete(TX_QUEUE);
+        st.complete(tx);
         if delivered {
-            st.complete(RX_QUEUE);
+            st.complete(rx);
         }
         if overrun {
             // Like the kernel simulator: the frame is lost and TX waits for the next kick.
@@ -149,6 +158,10 @@ fn loopback(st: &mut SimState) {
 
 /// Whether the device takes `cmd` with the negotiated features.
 fn supported(st: &SimState, cmd: &Command) -> bool {
+    let pairs = match st.kind {
+        SimKind::Net { pairs, .. } => pairs,
+        SimKind::Blk { .. } => 1,
+    };
     let has = |bit| st.has(bit);
     match cmd {
         Command::Rx(RxMode::Promisc | RxMode::AllMulti, _) | Command::MacTable { .. } => has(feature::CTRL_RX),
@@ -156,7 +169,7 @@ fn supported(st: &SimState, cmd: &Command) -> bool {
         Command::MacAddr(_) => has(feature::CTRL_MAC_ADDR),
         Command::VlanAdd(_) | Command::VlanDel(_) => has(feature::CTRL_VLAN),
         Command::AnnounceAck => has(feature::GUEST_ANNOUNCE),
-        Command::MqPairs(n) => has(feature::MQ) && *n <= MAX_PAIRS,
+        Command::MqPairs(n) => has(feature::MQ) && (1..=pairs).contains(n),
         // No guest offload feature is offered: only "none" can be set.
         Command::GuestOffloads(o) => has(feature::CTRL_GUEST_OFFLOADS) && *o == 0,
         Command::RssConfig(_) | Command::HashConfig(_) => false,
@@ -165,13 +178,13 @@ fn supported(st: &SimState, cmd: &Command) -> bool {
 
 /// Answers control commands: what the device supports is applied and acked OK, the rest
 /// (and anything malformed) gets ERR.
-fn control(st: &mut SimState) {
+fn control(st: &mut SimState, ctrl: usize) {
     if !st.has(feature::CTRL_VQ) {
         return;
     }
     loop {
         let mut cmd = None;
-        let done = st.with_ring(CTRL_QUEUE, |r, view, chain, buf, stats| {
+        let done = st.with_ring(ctrl, |r, view, chain, buf, stats| {
             if !r.pop(&view, chain).map_err(|e| e.to_string())? {
                 return Ok(false);
             }
@@ -193,7 +206,7 @@ fn control(st: &mut SimState) {
             }
             _ => ACK_ERR,
         };
-        let written = st.with_ring(CTRL_QUEUE, |r, view, chain, _, _| {
+        let written = st.with_ring(ctrl, |r, view, chain, _, _| {
             let n = view.scatter(&chain.inn, &[ack]).map_err(|e| e.to_string())?;
             r.push_used(chain.head, n as u32);
             Ok(())
@@ -201,7 +214,7 @@ fn control(st: &mut SimState) {
         if written.is_none() {
             break;
         }
-        st.complete(CTRL_QUEUE);
+        st.complete(ctrl);
     }
 }
 
