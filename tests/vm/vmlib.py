@@ -34,6 +34,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 GUEST_PROGRAM = HERE / "guest" / "traffic.py"
+#: The source tree the guest's programs come from (shared with it on its own).
+TREE = HERE.parents[1]
 GUEST_PYTHON = "/usr/bin/python3"  # the host's, seen by the guest through 9p
 GUEST_MAC = "52:54:00:12:34:56"
 GUEST_IP = "10.0.0.1"
@@ -277,7 +279,7 @@ def boot_guest(tier: Tier, sock: Path, guest_argv: Sequence[str], run_dir: Path,
         (run_dir / f).unlink(missing_ok=True)
     (run_dir / "cmd").write_text("exec " + shlex.join(str(a) for a in guest_argv) + "\n")
     append = ("console=ttyS0 loglevel=4 panic=-1 mitigations=off no_timer_check tsc=reliable "
-              f"random.trust_cpu=on svq.workdir={run_dir}")
+              f"random.trust_cpu=on svq.workdir={run_dir} svq.tree={TREE}")
     if hold is not None:
         append += f" svq.hold={hold_timeout}"
     if os.environ.get("SVQ_VM_APPEND"):
@@ -296,6 +298,7 @@ def boot_guest(tier: Tier, sock: Path, guest_argv: Sequence[str], run_dir: Path,
         # INTx: Debian's qemu 7.2 segfaults under TCG when this NIC uses MSI-X.
         "-device", f"virtio-net-pci,netdev=net0,mac={mac},vectors=0",
         "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+        "-virtfs", f"local,path={TREE},mount_tag=tree,security_model=none,readonly=on,multidevs=remap",
         "-virtfs", f"local,path={run_dir},mount_tag=work,security_model=none,multidevs=remap",
     ]
     argv += shlex.split(os.environ.get("SVQ_VM_QEMU_ARGS", ""))
