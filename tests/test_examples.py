@@ -15,6 +15,8 @@ SHOWS = {
     "migrate.py": "32 frames received on sim:net",
     "faults.py": "rule used_len_exceeds_writable",
     "serve.py": "connected=False",
+    "asyncio_waiters.py": "64 sent, 64 received, control acks [b'\\x00', b'\\x00']",
+    "capture.py": "32 frames on ['rx0', 'tx0'] (rx0 16, tx0 16)",
 }
 
 
