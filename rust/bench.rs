@@ -354,6 +354,109 @@ impl BufferSpace for DeviceSpace {
     }
 }
 
+/// One queue of the in-process harness: guest memory with the guest ring, svq's shadow
+/// queue over it, and the shadow ring the bench plays the device on.
+struct FwdQueue {
+    /// Kept alive for the rings and the shadow queue, which point into it.
+    _mem: Arc<GuestMemory>,
+    /// The shadow ring's memory.
+    _shadow: HeapRing,
+    guest: RingWriter,
+    device: RingReader,
+    sq: ShadowQueue,
+    stats: Arc<QueueStats>,
+    chains: Vec<Vec<Buf>>,
+    chain: Chain,
+    checksum: u64,
+}
+
+impl FwdQueue {
+    fn new(segments: usize, frame_size: usize, batch: usize, event_idx: bool) -> Result<Self, String> {
+        let segments = segments.max(1);
+        let lens = fwd_segment_lens(frame_size.max(1), segments);
+        if lens.iter().any(|&l| l as u64 > FWD_BUF_STRIDE) {
+            return Err(format!("segments of {frame_size}/{segments} bytes exceed the {FWD_BUF_STRIDE}-byte slots"));
+        }
+        let batch = batch.clamp(1, FWD_QUEUE_SIZE as usize / lens.len());
+        let mem = Arc::new(GuestMemory::new(&[(FWD_GUEST_GPA, FWD_GUEST_SIZE)]).map_err(|e| e.to_string())?);
+        let layout = RingLayout::new(FWD_QUEUE_SIZE).ok_or("queue size")?;
+        let guest_ring = mem.packed_vring(FWD_GUEST_GPA, layout).map_err(|e| e.to_string())?;
+        let shadow = HeapRing::new(FWD_QUEUE_SIZE).ok_or("queue size")?;
+        let mut guest = RingWriter::new(guest_ring, 0, event_idx);
+        let mut device = RingReader::new(shadow.ring(), 0, event_idx, false);
+        let efd = || EventFd::new().map_err(|e| format!("eventfd: {e}"));
+        let fds = ShadowFds { guest_kick: Arc::new(efd()?), guest_call: Arc::new(efd()?), device_kick: efd()?, device_call: efd()? };
+        let stats = Arc::new(QueueStats::default());
+        let sq = ShadowQueue::new(ShadowParts {
+            index: 1,
+            forwarding: Forwarding::Translate,
+            guest: RingReader::new(guest_ring, 0, event_idx, false),
+            shadow: RingWriter::new(shadow.ring(), 0, event_idx),
+            mem: mem.clone(),
+            regions: vec![RegionIova { gpa: FWD_GUEST_GPA, size: FWD_GUEST_SIZE, iova: FWD_REGION_IOVA }],
+            fds,
+            stats: stats.clone(),
+            health: Arc::new(QueueHealth::default()),
+            bounce_space: None,
+            bounce: None,
+            used_gpa: FWD_GUEST_GPA + layout.packed_offsets().2,
+        });
+        // Both peers ask for notifications from the start.
+        device.enable_notify();
+        guest.enable_cb();
+        let chains = (0..batch)
+            .map(|j| lens.iter().enumerate().map(|(s, &len)| Buf { addr: fwd_buf_addr(j, s, segments), len, write: false }).collect())
+            .collect();
+        Ok(FwdQueue { _mem: mem, _shadow: shadow, guest, device, sq, stats, chains, chain: Chain::default(), checksum: 0 })
+    }
+
+    /// One batch through the queue; svq's seconds forwarding and reaping.
+    fn round(&mut self) -> Result<(f64, f64), String> {
+        let batch = self.chains.len();
+        for c in &self.chains {
+            self.guest.add(c).map_err(|e| e.to_string())?;
+        }
+        self.guest.publish();
+
+        let t = Instant::now();
+        self.sq.forward();
+        let fwd = t.elapsed().as_secs_f64();
+
+        self.device.disable_notify();
+        let mut n = 0;
+        while self.device.pop(&DeviceSpace, &mut self.chain).map_err(|e| format!("device: {e}"))? {
+            for s in &self.chain.out {
+                self.checksum = self.checksum.wrapping_add(s.addr.wrapping_mul(31).wrapping_add(s.len as u64));
+            }
+            self.device.push_used(self.chain.head, 0);
+            n += 1;
+        }
+        self.device.publish_used();
+        self.device.enable_notify();
+        if n != batch {
+            return Err(format!("svq forwarded {n} of {batch} elements"));
+        }
+
+        let t = Instant::now();
+        self.sq.reap();
+        let reap = t.elapsed().as_secs_f64();
+
+        self.guest.disable_cb();
+        let mut got = 0;
+        while self.guest.pop_used().map_err(|e| format!("guest: {e}"))?.is_some() {
+            got += 1;
+        }
+        self.guest.enable_cb();
+        if got != batch {
+            return Err(format!("svq completed {got} of {batch} elements"));
+        }
+        if self.sq.is_broken() {
+            return Err("queue broke".into());
+        }
+        Ok((fwd, reap))
+    }
+}
+
 /// Runs svq's shadow virtqueue in process for at least `elements` elements of
 /// `frame_size` bytes in `segments` device-readable descriptors each, `batch` at a time.
 ///
@@ -363,90 +466,18 @@ impl BufferSpace for DeviceSpace {
 /// length 0 and re-arms kicks; svq reaps (**timed**); the guest reaps and re-arms calls.
 /// Notifications are real eventfd writes, so their cost is in svq's figure.
 pub fn forward(segments: usize, frame_size: usize, elements: u64, batch: usize, event_idx: bool) -> Result<ForwardFigures, String> {
-    let segments = segments.max(1);
-    let lens = fwd_segment_lens(frame_size.max(1), segments);
-    if lens.iter().any(|&l| l as u64 > FWD_BUF_STRIDE) {
-        return Err(format!("segments of {frame_size}/{segments} bytes exceed the {FWD_BUF_STRIDE}-byte slots"));
-    }
-    let batch = batch.clamp(1, FWD_QUEUE_SIZE as usize / lens.len());
-    let mem = Arc::new(GuestMemory::new(&[(FWD_GUEST_GPA, FWD_GUEST_SIZE)]).map_err(|e| e.to_string())?);
-    let layout = RingLayout::new(FWD_QUEUE_SIZE).ok_or("queue size")?;
-    let guest_ring = mem.packed_vring(FWD_GUEST_GPA, layout).map_err(|e| e.to_string())?;
-    let shadow = HeapRing::new(FWD_QUEUE_SIZE).ok_or("queue size")?;
-
-    let mut guest = RingWriter::new(guest_ring, 0, event_idx);
-    let mut device = RingReader::new(shadow.ring(), 0, event_idx, false);
-    let efd = || EventFd::new().map_err(|e| format!("eventfd: {e}"));
-    let fds = ShadowFds { guest_kick: Arc::new(efd()?), guest_call: Arc::new(efd()?), device_kick: efd()?, device_call: efd()? };
-    let stats = Arc::new(QueueStats::default());
-    let mut sq = ShadowQueue::new(ShadowParts {
-        index: 1,
-        forwarding: Forwarding::Translate,
-        guest: RingReader::new(guest_ring, 0, event_idx, false),
-        shadow: RingWriter::new(shadow.ring(), 0, event_idx),
-        mem: mem.clone(),
-        regions: vec![RegionIova { gpa: FWD_GUEST_GPA, size: FWD_GUEST_SIZE, iova: FWD_REGION_IOVA }],
-        fds,
-        stats: stats.clone(),
-        health: Arc::new(QueueHealth::default()),
-        bounce_space: None,
-        bounce: None,
-        used_gpa: FWD_GUEST_GPA + layout.packed_offsets().2,
-    });
-    // Both peers ask for notifications from the start.
-    device.enable_notify();
-    guest.enable_cb();
-
-    let chains: Vec<Vec<Buf>> = (0..batch)
-        .map(|j| lens.iter().enumerate().map(|(s, &len)| Buf { addr: fwd_buf_addr(j, s, segments), len, write: false }).collect())
-        .collect();
-    let mut chain = Chain::default();
+    let mut q = FwdQueue::new(segments, frame_size, batch, event_idx)?;
+    let batch = q.chains.len() as u64;
     let mut fig = ForwardFigures::default();
     let (mut t_fwd, mut t_reap) = (0f64, 0f64);
     while fig.elements < elements {
-        for c in &chains {
-            guest.add(c).map_err(|e| e.to_string())?;
-        }
-        guest.publish();
-
-        let t = Instant::now();
-        sq.forward();
-        t_fwd += t.elapsed().as_secs_f64();
-
-        device.disable_notify();
-        let mut n = 0;
-        while device.pop(&DeviceSpace, &mut chain).map_err(|e| format!("device: {e}"))? {
-            for s in &chain.out {
-                fig.checksum = fig.checksum.wrapping_add(s.addr.wrapping_mul(31).wrapping_add(s.len as u64));
-            }
-            device.push_used(chain.head, 0);
-            n += 1;
-        }
-        device.publish_used();
-        device.enable_notify();
-        if n != batch {
-            return Err(format!("svq forwarded {n} of {batch} elements"));
-        }
-
-        let t = Instant::now();
-        sq.reap();
-        t_reap += t.elapsed().as_secs_f64();
-
-        guest.disable_cb();
-        let mut got = 0;
-        while guest.pop_used().map_err(|e| format!("guest: {e}"))?.is_some() {
-            got += 1;
-        }
-        guest.enable_cb();
-        if got != batch {
-            return Err(format!("svq completed {got} of {batch} elements"));
-        }
-        fig.elements += batch as u64;
+        let (f, r) = q.round()?;
+        t_fwd += f;
+        t_reap += r;
+        fig.elements += batch;
     }
-    if let Some(f) = sq.is_broken().then(|| "queue broke".to_string()) {
-        return Err(f);
-    }
-    let s: std::collections::HashMap<_, _> = stats.snapshot().into_iter().collect();
+    let s: std::collections::HashMap<_, _> = q.stats.snapshot().into_iter().collect();
+    fig.checksum = q.checksum;
     fig.device_kicks = s["device_kicks"];
     fig.device_kicks_suppressed = s["device_kicks_suppressed"];
     fig.guest_calls = s["guest_calls"];
@@ -455,8 +486,64 @@ pub fn forward(segments: usize, frame_size: usize, elements: u64, batch: usize, 
     fig.forward_ns = per(t_fwd);
     fig.reap_ns = per(t_reap);
     fig.svq_ns = per(t_fwd + t_reap);
-    drop(sq);
-    drop(guest);
+    Ok(fig)
+}
+
+/// What [`forward_queues`] measured.
+#[derive(Debug, Clone, Default)]
+pub struct QueuesFigures {
+    /// Elements forwarded and completed, over every queue and thread.
+    pub elements: u64,
+    /// svq's CPU per element (forward + reap), in ns, over every queue.
+    pub svq_ns: f64,
+    /// Elements per second of wall time, every thread together (each thread plays guest
+    /// and device for its own queues, as [`forward`] does).
+    pub rate: f64,
+    /// Wall time of the run, in s.
+    pub wall_s: f64,
+}
+
+/// `threads` threads, each with `queues` queues of its own (a virtio-net queue pair is
+/// two), started together: each forwards at least `elements` elements per queue, a batch
+/// on each of its queues in turn. Measures svq's per-element cost as the queues a thread
+/// serves grow, and the rate as threads are added.
+pub fn forward_queues(threads: usize, queues: usize, segments: usize, frame_size: usize, elements: u64) -> Result<QueuesFigures, String> {
+    let (threads, queues) = (threads.max(1), queues.max(1));
+    let start = Arc::new(std::sync::Barrier::new(threads + 1));
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let start = start.clone();
+            let built = (0..queues).map(|_| FwdQueue::new(segments, frame_size, 32, true)).collect::<Result<Vec<_>, _>>();
+            std::thread::spawn(move || -> Result<(u64, f64, f64), String> {
+                // Everything is built before the clock starts; a failure still meets the barrier.
+                start.wait();
+                let mut qs = built?;
+                let batch = qs[0].chains.len() as u64;
+                let (mut done, mut svq) = (0u64, 0f64);
+                let t0 = Instant::now();
+                while done < elements {
+                    for q in &mut qs {
+                        let (f, r) = q.round()?;
+                        svq += f + r;
+                    }
+                    done += batch;
+                }
+                Ok((done * queues as u64, svq, t0.elapsed().as_secs_f64()))
+            })
+        })
+        .collect();
+    start.wait();
+    let t0 = Instant::now();
+    let mut fig = QueuesFigures::default();
+    let mut svq = 0f64;
+    for w in workers {
+        let (n, s, _) = w.join().map_err(|_| "a bench thread panicked".to_string())??;
+        fig.elements += n;
+        svq += s;
+    }
+    fig.wall_s = t0.elapsed().as_secs_f64();
+    fig.svq_ns = svq * 1e9 / fig.elements as f64;
+    fig.rate = fig.elements as f64 / fig.wall_s;
     Ok(fig)
 }
 
@@ -660,7 +747,28 @@ mod py {
         Ok(d)
     }
 
+    /// `threads` threads with `queues` queues each, in process (see [`super::forward_queues`]).
+    #[pyfunction]
+    #[pyo3(signature = (threads, queues, segments, frame_size, elements))]
+    fn bench_forward_queues<'py>(
+        py: Python<'py>,
+        threads: usize,
+        queues: usize,
+        segments: usize,
+        frame_size: usize,
+        elements: u64,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let f = py.detach(|| super::forward_queues(threads, queues, segments, frame_size, elements)).map_err(PyRuntimeError::new_err)?;
+        let d = PyDict::new(py);
+        d.set_item("elements", f.elements)?;
+        d.set_item("svq_ns", f.svq_ns)?;
+        d.set_item("rate", f.rate)?;
+        d.set_item("wall_s", f.wall_s)?;
+        Ok(d)
+    }
+
     pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add_function(wrap_pyfunction!(bench_forward_queues, m)?)?;
         m.add_function(wrap_pyfunction!(bench_copy, m)?)?;
         m.add_function(wrap_pyfunction!(bench_iova, m)?)?;
         m.add_function(wrap_pyfunction!(bench_forward, m)?)?;

@@ -20,6 +20,10 @@ because the machines are noisy: absolute times are for orientation only. Rows:
   4 KiB / 64 KiB element vs memcpy of the same bytes (in process, ``_native.bench_copy``).
 * **notify**: kicks and calls per element under sustained load, event idx on vs off.
 * **boundary**: one ``send`` of 256 frames vs 256 ``send`` calls of one frame.
+* **queues**: many queues in process (``_native.bench_forward_queues``): the rate of 2
+  queue pairs on 2 threads vs 1 pair on 1 (each thread playing guest and device for its
+  own pair), and svq's per-element cost when one thread serves 8 or 64 pairs vs 1.
+* **capture**: end-to-end forwarding with a packet capture on vs off.
 * **dirty**: forwarding with the dirty log attached vs without: in process (a cargo test
   binary, ``benches/dirty_log.rs``, chains the device writes) and end to end on
   ``sim:net``.
@@ -378,6 +382,56 @@ def forward_e2e_rows(p: Plan) -> list[Row]:
                 peer_ns_per_frame=1e9 / peer_rate,
                 svq_runs=tr,
                 peer_runs=pt,
+            )
+        )
+    return rows
+
+
+def queues_rows(p: Plan) -> list[Row]:
+    """Many queues, in process: scaling over threads (a pair per thread, as the engine
+    puts a pair on one worker) and the per-queue cost as one thread serves more pairs."""
+    segs, size = 1, 64
+    per_queue = max(3200, p.fwd_elements // 8)
+    cpus = len(os.sched_getaffinity(0))
+    _progress(f"in-process forwarding: 2 pairs on 2 threads vs 1 pair on 1 ({cpus} CPUs)")
+    one, two = [], []
+    for _ in range(3):  # alternated, best of each
+        one.append(_native.bench_forward_queues(1, 2, segs, size, per_queue)["rate"])
+        two.append(_native.bench_forward_queues(2, 2, segs, size, per_queue)["rate"])
+    rows = [
+        _row(
+            "forward in-process 2 pairs on 2 threads (vs 1 pair on 1)",
+            max(two),
+            max(one),
+            "elem/s",
+            higher_better=True,
+            target=">= 1.7x" if cpus >= 2 else "needs 2 CPUs",
+            min_ratio=1.7 if cpus >= 2 else None,
+            svq_runs=two,
+            peer_runs=one,
+            cpus=cpus,
+        )
+    ]
+    base: list[float] = []
+    for pairs in (1, 8, 64):
+        _progress(f"in-process forwarding: one thread serving {pairs} pair(s)")
+        # Every pair's queues get the same elements: more pairs, more elements in all.
+        elements = max(640, per_queue // pairs)
+        runs = [_native.bench_forward_queues(1, 2 * pairs, segs, size, elements)["svq_ns"] for _ in range(3)]
+        if pairs == 1:
+            base = runs
+            continue
+        rows.append(
+            _row(
+                f"per-queue cost, one thread serving {pairs} pairs (vs 1 pair)",
+                min(runs),
+                min(base),
+                "ns/elem",
+                higher_better=False,
+                target="flat within 1.2x",
+                min_ratio=1 / 1.2,
+                svq_runs=runs,
+                peer_runs=base,
             )
         )
     return rows
@@ -826,6 +880,7 @@ SECTIONS: dict[str, Callable[[Plan], list[Row]]] = {
     "forward": forward_inprocess_rows,
     "e2e": forward_e2e_rows,
     "capture": capture_rows,
+    "queues": queues_rows,
     "parse": parse_rows,
     "copy": copy_rows,
     "notify": notify_rows,

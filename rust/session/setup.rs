@@ -207,7 +207,8 @@ impl Session {
         dev.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK)?;
         let watched = guest_queues.iter().map(|g| (g.index, g.health.clone(), g.call.clone())).collect();
         let places = plan.lanes(cfg.workers);
-        self.engine = Some(Engine::start_lanes(shadows, places, dev.clone(), config_call, watched, cfg.busy_poll).map_err(os("start engine"))?);
+        self.engine =
+            Some(Engine::start_lanes(shadows, places, dev.clone(), config_call, watched, cfg.busy_poll).map_err(os("start engine"))?);
         if let Some(saved) = &cfg.restore {
             self.restore(saved, cfg.restore_timeout)?;
         }
