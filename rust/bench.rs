@@ -16,6 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
+use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,9 +24,10 @@ use crate::eventfd::EventFd;
 use crate::fault::QueueHealth;
 use crate::iova::IovaAllocator;
 use crate::mem::GuestMemory;
+use crate::ring::layout::VRING_DESC_F_NEXT;
 use crate::ring::mock::HeapRing;
 use crate::ring::reader::BufferSpace;
-use crate::ring::{Buf, Chain, Descriptor, RingLayout, RingReader, RingWriter};
+use crate::ring::{Buf, Chain, Descriptor, RingLayout, RingReader, RingWriter, Vring};
 use crate::shadow::{Forwarding, QueueStats, RegionIova, ShadowFds, ShadowParts, ShadowQueue};
 use crate::virtio::{Perm, PAGE_SIZE};
 
@@ -354,9 +356,81 @@ impl BufferSpace for DeviceSpace {
     }
 }
 
+/// The device's view in the bare forwarder's runs: guest addresses as they are.
+struct GuestSpace;
+impl BufferSpace for GuestSpace {
+    const NAME: &'static str = "the bench device's view of guest memory";
+    fn check(&self, addr: u64, len: u64, _write: bool) -> bool {
+        addr >= FWD_GUEST_GPA && addr.checked_add(len).is_some_and(|e| e <= FWD_GUEST_GPA + FWD_GUEST_SIZE)
+    }
+    fn read_desc(&self, _table: u64, _i: u32) -> Option<Descriptor> {
+        None
+    }
+}
+
+/// The ceiling peer of the in-process rows: a split-ring forwarder that only moves
+/// descriptors between the same rings, in the same batches, with the same eventfds as
+/// svq's shadow queue: no validation, no translation, one kick and one call per batch.
+/// What svq's checks and translation cost is measured against it.
+struct BareForwarder {
+    guest: Vring,
+    shadow: Vring,
+    last_avail: u16,
+    shadow_avail: u16,
+    last_used: u16,
+    guest_used: u16,
+    kick: EventFd,
+    call: EventFd,
+}
+
+impl BareForwarder {
+    fn forward(&mut self) {
+        let avail = self.guest.avail_idx();
+        fence(Ordering::Acquire);
+        let mask = self.guest.size() - 1;
+        while self.last_avail != avail {
+            let head = self.guest.avail_entry(self.last_avail & mask);
+            let mut i = head;
+            // Bounded, like any walk of a ring another party writes.
+            for _ in 0..self.guest.size() {
+                let d = self.guest.desc(i);
+                self.shadow.set_desc(i, d);
+                if d.flags() & VRING_DESC_F_NEXT == 0 {
+                    break;
+                }
+                i = d.next();
+            }
+            self.shadow.set_avail_entry(self.shadow_avail & mask, head);
+            self.shadow_avail = self.shadow_avail.wrapping_add(1);
+            self.last_avail = self.last_avail.wrapping_add(1);
+        }
+        fence(Ordering::Release);
+        self.shadow.set_avail_idx(self.shadow_avail);
+        self.kick.signal();
+    }
+
+    fn reap(&mut self) {
+        let used = self.shadow.used_idx();
+        fence(Ordering::Acquire);
+        let mask = self.guest.size() - 1;
+        while self.last_used != used {
+            let (id, len) = self.shadow.used_entry(self.last_used & mask);
+            self.guest.set_used_entry(self.guest_used & mask, id, len);
+            self.guest_used = self.guest_used.wrapping_add(1);
+            self.last_used = self.last_used.wrapping_add(1);
+        }
+        fence(Ordering::Release);
+        self.guest.set_used_idx(self.guest_used);
+        self.call.signal();
+    }
+}
+
 /// One queue of the in-process harness: guest memory with the guest ring, svq's shadow
-/// queue over it, and the shadow ring the bench plays the device on.
+/// queue over it (or the bare forwarder), and the shadow ring the bench plays the device
+/// on.
 struct FwdQueue {
+    /// The ceiling peer, forwarding instead of svq when set.
+    bare: Option<BareForwarder>,
     /// Kept alive for the rings and the shadow queue, which point into it.
     _mem: Arc<GuestMemory>,
     /// The shadow ring's memory.
@@ -372,6 +446,10 @@ struct FwdQueue {
 
 impl FwdQueue {
     fn new(segments: usize, frame_size: usize, batch: usize, event_idx: bool) -> Result<Self, String> {
+        Self::build(segments, frame_size, batch, event_idx, false)
+    }
+
+    fn build(segments: usize, frame_size: usize, batch: usize, event_idx: bool, bare: bool) -> Result<Self, String> {
         let segments = segments.max(1);
         let lens = fwd_segment_lens(frame_size.max(1), segments);
         if lens.iter().any(|&l| l as u64 > FWD_BUF_STRIDE) {
@@ -407,7 +485,20 @@ impl FwdQueue {
         let chains = (0..batch)
             .map(|j| lens.iter().enumerate().map(|(s, &len)| Buf { addr: fwd_buf_addr(j, s, segments), len, write: false }).collect())
             .collect();
-        Ok(FwdQueue { _mem: mem, _shadow: shadow, guest, device, sq, stats, chains, chain: Chain::default(), checksum: 0 })
+        let bare = match bare {
+            true => Some(BareForwarder {
+                guest: guest_ring,
+                shadow: shadow.ring(),
+                last_avail: 0,
+                shadow_avail: 0,
+                last_used: 0,
+                guest_used: 0,
+                kick: efd()?,
+                call: efd()?,
+            }),
+            false => None,
+        };
+        Ok(FwdQueue { bare, _mem: mem, _shadow: shadow, guest, device, sq, stats, chains, chain: Chain::default(), checksum: 0 })
     }
 
     /// One batch through the queue; svq's seconds forwarding and reaping.
@@ -419,12 +510,22 @@ impl FwdQueue {
         self.guest.publish();
 
         let t = Instant::now();
-        self.sq.forward();
+        match self.bare.as_mut() {
+            Some(b) => b.forward(),
+            None => self.sq.forward(),
+        }
         let fwd = t.elapsed().as_secs_f64();
 
         self.device.disable_notify();
         let mut n = 0;
-        while self.device.pop(&DeviceSpace, &mut self.chain).map_err(|e| format!("device: {e}"))? {
+        loop {
+            let popped = match self.bare {
+                Some(_) => self.device.pop(&GuestSpace, &mut self.chain),
+                None => self.device.pop(&DeviceSpace, &mut self.chain),
+            };
+            if !popped.map_err(|e| format!("device: {e}"))? {
+                break;
+            }
             for s in &self.chain.out {
                 self.checksum = self.checksum.wrapping_add(s.addr.wrapping_mul(31).wrapping_add(s.len as u64));
             }
@@ -438,7 +539,10 @@ impl FwdQueue {
         }
 
         let t = Instant::now();
-        self.sq.reap();
+        match self.bare.as_mut() {
+            Some(b) => b.reap(),
+            None => self.sq.reap(),
+        }
         let reap = t.elapsed().as_secs_f64();
 
         self.guest.disable_cb();
@@ -466,7 +570,16 @@ impl FwdQueue {
 /// length 0 and re-arms kicks; svq reaps (**timed**); the guest reaps and re-arms calls.
 /// Notifications are real eventfd writes, so their cost is in svq's figure.
 pub fn forward(segments: usize, frame_size: usize, elements: u64, batch: usize, event_idx: bool) -> Result<ForwardFigures, String> {
-    let mut q = FwdQueue::new(segments, frame_size, batch, event_idx)?;
+    forward_with(FwdQueue::new(segments, frame_size, batch, event_idx)?, elements)
+}
+
+/// [`forward`] with the bare split-ring forwarder in svq's place (the ceiling peer):
+/// the same rings, batches, device and eventfds.
+pub fn forward_bare(segments: usize, frame_size: usize, elements: u64, batch: usize) -> Result<ForwardFigures, String> {
+    forward_with(FwdQueue::build(segments, frame_size, batch, false, true)?, elements)
+}
+
+fn forward_with(mut q: FwdQueue, elements: u64) -> Result<ForwardFigures, String> {
     let batch = q.chains.len() as u64;
     let mut fig = ForwardFigures::default();
     let (mut t_fwd, mut t_reap) = (0f64, 0f64);
@@ -722,6 +835,25 @@ mod py {
         Ok(d)
     }
 
+    /// The bare split-ring forwarder on the same harness (see [`super::forward_bare`]).
+    #[pyfunction]
+    #[pyo3(signature = (segments, frame_size, elements, batch = 32))]
+    fn bench_forward_bare<'py>(
+        py: Python<'py>,
+        segments: usize,
+        frame_size: usize,
+        elements: u64,
+        batch: usize,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let f = py.detach(|| super::forward_bare(segments, frame_size, elements, batch)).map_err(PyRuntimeError::new_err)?;
+        let d = PyDict::new(py);
+        d.set_item("elements", f.elements)?;
+        d.set_item("svq_ns", f.svq_ns)?;
+        d.set_item("forward_ns", f.forward_ns)?;
+        d.set_item("reap_ns", f.reap_ns)?;
+        Ok(d)
+    }
+
     /// The constants of the in-process forwarding layout, for the pure-Python peer.
     #[pyfunction]
     fn bench_forward_layout<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
@@ -769,6 +901,7 @@ mod py {
 
     pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
         m.add_function(wrap_pyfunction!(bench_forward_queues, m)?)?;
+        m.add_function(wrap_pyfunction!(bench_forward_bare, m)?)?;
         m.add_function(wrap_pyfunction!(bench_copy, m)?)?;
         m.add_function(wrap_pyfunction!(bench_iova, m)?)?;
         m.add_function(wrap_pyfunction!(bench_forward, m)?)?;

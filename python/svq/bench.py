@@ -300,6 +300,22 @@ def forward_inprocess_rows(p: Plan) -> list[Row]:
                 peer_elements=py["elements"],
             )
         )
+        # The ceiling: a forwarder that only moves descriptors, on the same harness.
+        _native.bench_forward_bare(segs, size, 3200)
+        bare = min((_native.bench_forward_bare(segs, size, p.fwd_elements) for _ in range(3)), key=lambda r: r["svq_ns"])
+        rows.append(
+            _row(
+                f"forward in-process {segs}seg {size}B (vs bare split-ring forwarder)",
+                rs["svq_ns"],
+                bare["svq_ns"],
+                "ns/elem",
+                higher_better=False,
+                target="within 2x of the bare forwarder",
+                min_ratio=0.5,
+                peer_forward_ns=bare["forward_ns"],
+                peer_reap_ns=bare["reap_ns"],
+            )
+        )
     return rows
 
 
