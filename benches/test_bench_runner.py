@@ -37,7 +37,7 @@ def test_quick_json_rows_have_the_fields(capsys: pytest.CaptureFixture[str]) -> 
     for prefix in ("iova alloc+free", "iova reverse lookup", "forward in-process", "forward end-to-end",
                    "parse:", "notify:", "boundary:", "capture on", "forward with dirty log end-to-end",
                    "switch 1 queue", "switch session", "switch 16 GiB guest",
-                   "forward in-process 2 pairs", "per-queue cost"):
+                   "forward in-process 2 pairs", "per-queue cost", "control-queue restore"):
         assert any(n.startswith(prefix) for n in names), prefix
     for r in rows:
         assert r.keys() >= FIELDS, r
@@ -188,3 +188,19 @@ def test_the_python_peer_lives_outside_the_package() -> None:
     assert not hasattr(bench, "PyShadowVirtqueue")
     peer = bench.python_peer()
     assert peer is not None and peer.PyShadowVirtqueue.__module__ == "svq_bench_pyring"
+
+
+def test_a_row_whose_spread_crosses_its_target_is_noisy_not_failed() -> None:
+    # Best against best misses 1.7x, one repeat met it: noisy.
+    r = bench._row("x (vs y)", 10.0, 6.5, "elem/s", higher_better=True, min_ratio=1.7,
+                   svq_runs=[10.0, 9.0], peer_runs=[6.5, 5.0])
+    assert r.ratio == pytest.approx(10 / 6.5) and r.noisy and r.met is None
+    assert r.spread == (pytest.approx(10 / 6.5), pytest.approx(9 / 5)) and r.repeats == 2
+    assert r.note.startswith("noisy") and r.peer_name == "y"
+    # Every repeat misses: a miss, not noise.
+    miss = bench._row("z (vs y)", 10.0, 8.0, "elem/s", higher_better=True, min_ratio=1.7,
+                      svq_runs=[10.0, 9.0], peer_runs=[8.0, 7.0])
+    assert miss.met is False and not miss.noisy
+    d = bench.to_json([r, miss])
+    assert all(x.keys() >= {"peer_name", "unit", "repeats", "spread", "noisy"} for x in d)
+    assert "noisy" in bench.table([r])
