@@ -25,8 +25,12 @@ use crate::live::ThreadToken;
 
 /// The snap length when none is given (tcpdump's and Wireshark's).
 pub const DEFAULT_SNAPLEN: u32 = 262_144;
-/// Batches waiting for the writer, at most.
-const DEPTH: usize = 64;
+/// Batches waiting for the writer, at most: a pass of a busy queue hands over a few
+/// frames, and the writer thread shares the CPUs with the queues, so it catches up in
+/// bursts (at most DEPTH × FLUSH_AT bytes wait, 32 MiB).
+const DEPTH: usize = 512;
+/// Emptied batch buffers kept for the taps to reuse (their capacity stays allocated).
+const SPARES: usize = 64;
 /// A tap hands its batch over once it holds this many bytes, or at the end of a pass.
 const FLUSH_AT: usize = 64 << 10;
 
@@ -464,7 +468,7 @@ impl Writer {
         }
         bytes.clear();
         let mut spare = lock(&sh.spare);
-        if spare.len() < DEPTH {
+        if spare.len() < SPARES {
             spare.push(bytes);
         }
     }

@@ -168,6 +168,21 @@ impl Session {
         Ok(slots)
     }
 
+    /// Attaches a tap again to queue `q`, which a live switch just put back on a shadow
+    /// ring, when the running capture covers it (it left the capture while svq was off
+    /// its path). Not waited for: the request reaches the queue's thread before anything
+    /// the guest does after the switch.
+    pub(super) fn retap(&mut self, q: u32) {
+        let (Some(a), Some(engine)) = (self.capture.as_ref(), self.engine.as_ref()) else { return };
+        if !a.queues.contains(&q) {
+            return;
+        }
+        let strip = net_header_len(self.guest_features);
+        if let Some(tap) = a.capture.tap(&interface_name(q), strip) {
+            engine.submit(vec![Request::Capture { queue: q, tap: Some(Box::new(tap)), done: Arc::new(InjectSlot::default()) }]);
+        }
+    }
+
     /// The capture attached to the session, if any.
     pub fn capture(&self) -> Option<&Arc<Capture>> {
         self.capture.as_ref().map(|a| &a.capture)

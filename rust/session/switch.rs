@@ -66,7 +66,11 @@ impl Session {
         let outcome = todo.iter().try_for_each(|&q| {
             let base = match mode {
                 Mode::Passthrough => self.unshadow_live(q)?,
-                shadow => self.shadow_live(q, shadow)?,
+                shadow => {
+                    let base = self.shadow_live(q, shadow)?;
+                    self.retap(q);
+                    base
+                }
             };
             report.queues.push((q, base));
             Ok::<_, SessionError>(())
