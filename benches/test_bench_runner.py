@@ -37,7 +37,7 @@ def test_quick_json_rows_have_the_fields(capsys: pytest.CaptureFixture[str]) -> 
     for prefix in ("iova alloc+free", "iova reverse lookup", "forward in-process", "forward end-to-end",
                    "parse:", "notify:", "boundary:", "capture on", "forward with dirty log end-to-end",
                    "switch 1 queue", "switch session", "switch 16 GiB guest",
-                   "forward in-process 2 pairs", "per-queue cost", "control-queue restore"):
+                   "forward in-process 2 pairs", "per-queue cost", "control-queue restore", "idle CPU"):
         assert any(n.startswith(prefix) for n in names), prefix
     for r in rows:
         assert r.keys() >= FIELDS, r

@@ -24,6 +24,8 @@ because the machines are noisy: absolute times are for orientation only. Rows:
   queue pairs on 2 threads vs 1 pair on 1 (each thread playing guest and device for its
   own pair), and svq's per-element cost when one thread serves 8 or 64 pairs vs 1.
 * **capture**: end-to-end forwarding with a packet capture on vs off.
+* **idle**: the CPU an idle session costs (every thread of the process) with the
+  engine's adaptive poll on (the default window) vs off.
 * **restore**: a fresh session restoring a 4 099-command control-queue state (4 096
   VLANs, MAC, MAC table, RX mode), all in flight together, vs the same commands sent one
   at a time.
@@ -546,6 +548,42 @@ def restore_rows(p: Plan) -> list[Row]:
     ]
 
 
+def _idle_cpu_percent(busy_poll: float, seconds: float) -> float:
+    """Percent of one CPU the whole process uses while a session that just forwarded a
+    burst sits idle (its poll window long over)."""
+    from .session import Session
+
+    with Session("sim:net", busy_poll=busy_poll) as s:
+        _loopback(s, 64)
+        time.sleep(0.05)
+        t0, c0 = time.monotonic(), time.process_time()
+        time.sleep(seconds)
+        return (time.process_time() - c0) * 100 / (time.monotonic() - t0)
+
+
+def idle_rows(p: Plan) -> list[Row]:
+    """An idle polling session must not spin: its CPU (every thread of this process:
+    the engine, the embedded device, the interpreter) against a session that never
+    polls."""
+    seconds = 0.5 if p.quick else 2.0
+    _progress(f"idle CPU of a session, {seconds} s with the adaptive poll on and off")
+    on = _idle_cpu_percent(200e-6, seconds)
+    off = _idle_cpu_percent(0.0, seconds)
+    return [
+        _row(
+            "idle CPU, adaptive poll on (vs never polling)",
+            on,
+            off,
+            "% of a CPU",
+            higher_better=False,
+            target="no spinning: <= 1% of a CPU",
+            svq_max=1.0,
+            svq_max_is_time=False,
+            note="informational ratio: both are near zero",
+        )
+    ]
+
+
 def capture_rows(p: Plan) -> list[Row]:
     """Forwarding with a packet capture on (both directions to a pcapng file) against the
     same loopback with none: the cost of capturing. With none, the hot path pays one
@@ -991,6 +1029,7 @@ SECTIONS: dict[str, Callable[[Plan], list[Row]]] = {
     "capture": capture_rows,
     "queues": queues_rows,
     "restore": restore_rows,
+    "idle": idle_rows,
     "parse": parse_rows,
     "copy": copy_rows,
     "notify": notify_rows,
