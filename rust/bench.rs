@@ -622,18 +622,23 @@ pub struct QueuesFigures {
 /// serves grow, and the rate as threads are added.
 pub fn forward_queues(threads: usize, queues: usize, segments: usize, frame_size: usize, elements: u64) -> Result<QueuesFigures, String> {
     let (threads, queues) = (threads.max(1), queues.max(1));
-    let start = Arc::new(std::sync::Barrier::new(threads + 1));
-    let workers: Vec<_> = (0..threads)
-        .map(|_| {
-            let start = start.clone();
-            let built = (0..queues).map(|_| FwdQueue::new(segments, frame_size, 32, true)).collect::<Result<Vec<_>, _>>();
-            std::thread::spawn(move || -> Result<(u64, f64, f64), String> {
-                // Everything is built before the clock starts; a failure still meets the barrier.
-                start.wait();
-                let mut qs = built?;
+    if threads > 256 || queues > 4096 {
+        return Err(format!("{threads} threads of {queues} queues: at most 256 threads of 4096 queues"));
+    }
+    // Everything is built before any clock starts; each thread then waits for the word to
+    // go (a dropped sender: a sibling could not start, and it ends at once).
+    let mut workers = Vec::with_capacity(threads);
+    let mut go = Vec::with_capacity(threads);
+    for _ in 0..threads {
+        let qs = (0..queues).map(|_| FwdQueue::new(segments, frame_size, 32, true)).collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::Builder::new()
+            .name("svq-bench-queues".into())
+            .spawn(move || -> Result<(u64, f64), String> {
+                rx.recv().map_err(|_| "not started".to_string())?;
+                let mut qs = qs;
                 let batch = qs[0].chains.len() as u64;
                 let (mut done, mut svq) = (0u64, 0f64);
-                let t0 = Instant::now();
                 while done < elements {
                     for q in &mut qs {
                         let (f, r) = q.round()?;
@@ -641,16 +646,20 @@ pub fn forward_queues(threads: usize, queues: usize, segments: usize, frame_size
                     }
                     done += batch;
                 }
-                Ok((done * queues as u64, svq, t0.elapsed().as_secs_f64()))
+                Ok((done * queues as u64, svq))
             })
-        })
-        .collect();
-    start.wait();
+            .map_err(|e| format!("bench thread: {e}"))?;
+        workers.push(worker);
+        go.push(tx);
+    }
     let t0 = Instant::now();
+    for tx in &go {
+        let _ = tx.send(());
+    }
     let mut fig = QueuesFigures::default();
     let mut svq = 0f64;
     for w in workers {
-        let (n, s, _) = w.join().map_err(|_| "a bench thread panicked".to_string())??;
+        let (n, s) = w.join().map_err(|_| "a bench thread panicked".to_string())??;
         fig.elements += n;
         svq += s;
     }

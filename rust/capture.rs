@@ -23,12 +23,13 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::live::ThreadToken;
 
-/// The snap length when none is given (tcpdump's and Wireshark's).
+/// The snap length when none is given (tcpdump's and Wireshark's), and the largest one.
 pub const DEFAULT_SNAPLEN: u32 = 262_144;
 /// Batches waiting for the writer, at most: a pass of a busy queue hands over a few
 /// frames, and the writer thread shares the CPUs with the queues, so it catches up in
-/// bursts (at most DEPTH × FLUSH_AT bytes wait, 32 MiB).
-const DEPTH: usize = 512;
+/// bursts. A batch holds less than FLUSH_AT bytes plus one frame of at most the snap
+/// length; what waits is bounded by DEPTH such batches.
+const DEPTH: usize = 256;
 /// Emptied batch buffers kept for the taps to reuse (their capacity stays allocated).
 const SPARES: usize = 64;
 /// A tap hands its batch over once it holds this many bytes, or at the end of a pass.
@@ -188,8 +189,8 @@ impl Capture {
     /// Creates (or truncates) `path` and writes its headers: one interface per entry of
     /// `interfaces` (name, description), in that order.
     pub fn create(path: &Path, interfaces: &[(String, String)], cfg: CaptureConfig) -> Result<Self, CaptureError> {
-        if cfg.snaplen == 0 {
-            return Err(CaptureError::Invalid("the snap length must be at least 1 byte".into()));
+        if cfg.snaplen == 0 || cfg.snaplen > DEFAULT_SNAPLEN {
+            return Err(CaptureError::Invalid(format!("the snap length must be 1..={DEFAULT_SNAPLEN} bytes, got {}", cfg.snaplen)));
         }
         if interfaces.is_empty() {
             return Err(CaptureError::Invalid("a capture needs at least one interface".into()));

@@ -605,9 +605,10 @@ impl Worker {
     /// Runs the queues after a round of events: passes over every queue (reaping and
     /// forwarding, notifications off) until a pass finds nothing new, then everything
     /// forwarded reaches the devices at once. Because a pass that found work is always
-    /// followed by another, a chain the guest published on one queue before a chain on
-    /// another (a receive buffer before the frame sent to it) is on the device's rings
-    /// before the other becomes visible. Then the poll window: while work keeps coming,
+    /// followed by another, a chain the guest published on one queue of this lane before
+    /// a chain on another of its queues (a receive buffer before the frame sent to it, in
+    /// one queue pair) is on the device's rings before the other becomes visible; queues
+    /// of different lanes have no such order. Then the poll window: while work keeps coming,
     /// the engine keeps looking without sleeping; once it passes idle, notifications are
     /// re-armed, checked once more, and the engine sleeps.
     fn run_queues(&mut self, queues: &mut [ShadowQueue], mut moved: bool) {

@@ -329,11 +329,17 @@ def test_a_capture_spans_the_vmm_sessions(server: svq.VhostUserServer, guest: Py
             vmm.close()
             wait_until(lambda: not server.report()["connected"])
     report = server.stop_capture()
+    # A second capture on the same running session takes the frames from then on.
+    again = tmp_path / "again.pcapng"
+    server.start_capture(again)
+    loopback(guest, 10, 7)
+    second = server.stop_capture()
     vmm.close()
+    assert second is not None and [i["packets"] for i in second["interfaces"]] == [10, 10]
     assert report is not None and report["finished"] and report["dropped"] == 0
     assert [(i["name"], i["packets"]) for i in report["interfaces"]] == [("rx0", 100), ("tx0", 100)]
     r = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.interface_name", "-e", "frame.cap_len"],
                        capture_output=True, text=True, timeout=60, check=True)
     rows = [line.split("\t") for line in r.stdout.splitlines()]
     assert len(rows) == 200 and {cap for _, cap in rows} == {"64"}
-    assert server.report()["capture"] == report
+    assert server.report()["capture"] == second

@@ -95,6 +95,8 @@ async def wait_completions(
     native: _native.Driver, turns: Turns, queue: int, count: int, timeout: float, whole: bool
 ) -> list[Completion]:
     """``Driver.wait`` on the running loop (see :meth:`svq.Driver.wait_async`)."""
+    if queue < 0 or count < 0:
+        raise ValueError(f"queue {queue} or count {count} out of range (both are >= 0)")
     loop = asyncio.get_running_loop()
     until = deadline(loop, timeout)
     # Every wait yields to the loop once, even when its completions are already there: a
@@ -159,7 +161,12 @@ async def run_blocking(fn: Callable[[], None]) -> None:
     try:
         await asyncio.shield(fut)
     except asyncio.CancelledError:
-        await asyncio.wait([fut])
+        # Cancelled again while waiting: still wait, the work is not abandoned half done.
+        while not fut.done():
+            try:
+                await asyncio.wait([fut])
+            except asyncio.CancelledError:
+                continue
         if not fut.cancelled():
             fut.exception()  # retrieved: the cancellation is what the caller sees
         raise

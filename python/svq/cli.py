@@ -81,7 +81,13 @@ def _open_class(spec: str, want: str, option: str) -> Device:
     return dev
 
 
+def _check_capture_arguments(args: argparse.Namespace) -> None:
+    if not args.capture and (args.snaplen != CAPTURE_SNAPLEN or args.capture_limit is not None):
+        raise ValueError("--snaplen and --capture-limit need --capture FILE")
+
+
 def demo(args: argparse.Namespace) -> dict[str, Any]:
+    _check_capture_arguments(args)
     t0 = time.perf_counter()
     mode = Mode(args.mode)
     before = live_resources()["bounce_buffers"]

@@ -93,11 +93,12 @@ class VhostUserServer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._closed = False
+        self._final_capture: CaptureReport | None = None
 
     def _serve(self) -> None:
         try:
             self._s.serve()
-        except BaseException as e:  # noqa: BLE001 - kept and re-raised by wait()/close()
+        except BaseException as e:  # noqa: BLE001 - kept and re-raised by wait()
             self._error = e
             log.error("vhost-user server on %s failed: %s", self.path, e)
 
@@ -127,18 +128,26 @@ class VhostUserServer:
         on into a new pcapng file at ``path`` (as :meth:`svq.Session.start_capture`; the
         interfaces stay the same across sessions). :meth:`stop_capture` or :meth:`close`
         completes the file."""
-        self._s.start_capture(path, snaplen, limit)
+        self._native_server().start_capture(path, snaplen, limit)
 
     def stop_capture(self) -> CaptureReport | None:
-        """Completes the capture file; what it wrote and dropped (None: no capture)."""
+        """Completes the capture file; what it wrote and dropped (None: no capture). After
+        :meth:`close` (which completed the file) the final counts."""
+        if self._closed:
+            return self._final_capture
         return self._s.finish_capture()
+
+    def _native_server(self) -> _native.VhostUserServer:
+        if self._closed:
+            raise ValueError(f"the vhost-user server on {self.path} is closed")
+        return self._s
 
     def report(self) -> ServerReport:
         """What the server does now: ``connected``, ``connections``, ``sessions_started``,
         ``running``, ``features``, ``protocol_features``, ``status``,
         ``guest_memory_bytes``, ``queues`` (index, mode, counters, fault) and ``events``
         (recent refusals, newest last)."""
-        return self._s.report()
+        return self._native_server().report()
 
     def close(self) -> None:
         """Stops, waits for the serving thread, removes the socket; idempotent."""
@@ -148,6 +157,7 @@ class VhostUserServer:
         self.stop()
         if self._thread is not None:
             self._thread.join()
+        self._final_capture = self._s.finish_capture()
         del self._s  # drops the listener: the socket file goes
         if self._owns_device:
             self.device.close()

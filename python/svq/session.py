@@ -403,8 +403,9 @@ class Session:
         thread of svq's; the queues never wait for the disk (a frame the writer cannot
         take is dropped and counted). Queues in passthrough cannot be captured: svq is
         not on their path; a captured queue a live switch puts in passthrough leaves the
-        capture until a switch shadows it again. :meth:`stop_capture` (or :meth:`close`)
-        completes the file.
+        capture until a switch shadows it again. With mergeable receive buffers a frame the
+        device spread over several buffers is recorded as one frame per buffer.
+        :meth:`stop_capture` (or :meth:`close`) completes the file.
         See :class:`svq.types.CaptureReport` for an example."""
         qs = None if queues is None else list(queues)
         return self._s.start_capture(path, qs, snaplen, limit)

@@ -20,7 +20,7 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 
-use crate::capture::{Capture, CaptureConfig};
+use crate::capture::{Capture, CaptureConfig, CaptureReport};
 use crate::device::Device;
 use crate::dirty::DirtyLog;
 use crate::front::external::{ExternalGuest, ExternalMemory, ExternalQueue};
@@ -274,7 +274,9 @@ impl VuBackend {
                 self.sessions_started += 1;
                 let at: Vec<String> = ready.iter().map(|&q| format!("{q}@{}", self.conn.queues[q as usize].base)).collect();
                 self.note(format!("device started (rings {})", at.join(" ")));
-                self.attach_capture();
+                if let Err(e) = self.attach_capture() {
+                    self.note(format!("packet capture: {e}"));
+                }
                 if self.log_all() {
                     self.apply_logging()?;
                 }
@@ -381,17 +383,33 @@ impl VuBackend {
         }
         let interfaces: Vec<(String, String)> = queues.iter().map(|&q| (interface_name(q), interface_description(q))).collect();
         self.capture = Some(Arc::new(Capture::create(path, &interfaces, cfg)?));
-        self.attach_capture();
+        if let Err(e) = self.attach_capture() {
+            // The running session could not take it: no capture at all, and the caller knows.
+            if let Some(c) = self.capture.take() {
+                c.finish();
+            }
+            return Err(e);
+        }
         Ok(())
     }
 
-    /// Attaches the capture to the running session's data queues.
-    fn attach_capture(&mut self) {
-        let (Some(c), Some(s)) = (self.capture.clone(), self.session.as_mut()) else { return };
-        let attached = s.attach_capture(&c).and_then(|(_, slots)| wait_attached(&slots, std::time::Duration::from_secs(10)));
-        if let Err(e) = attached {
-            self.note(format!("packet capture: {e}"));
+    /// Attaches the capture to the running session's data queues, if there are both.
+    fn attach_capture(&mut self) -> std::result::Result<(), SessionError> {
+        let (Some(c), Some(s)) = (self.capture.clone(), self.session.as_mut()) else { return Ok(()) };
+        if c.report().finished {
+            return Ok(());
         }
+        let (_, slots) = s.attach_capture(&c)?;
+        wait_attached(&slots, std::time::Duration::from_secs(10))
+    }
+
+    /// Completes the capture file, first detaching it from the running session (so that
+    /// a later capture can attach); what it did, or None without a capture.
+    pub(super) fn finish_capture(&mut self) -> Option<CaptureReport> {
+        if let Some(s) = self.session.as_mut().filter(|s| s.capture().is_some()) {
+            let _ = s.stop_capture();
+        }
+        self.capture.as_ref().map(|c| c.finish())
     }
 
     fn mode_of(&self, q: u32) -> Mode {

@@ -178,8 +178,7 @@ impl Server {
     /// Completes the capture file (taps of a running session record nothing more); what
     /// the capture did, or None when the server does not capture.
     pub fn finish_capture(&self) -> Option<CaptureReport> {
-        let capture = lock(&self.shared.backend).capture.clone();
-        capture.map(|c| c.finish())
+        lock(&self.shared.backend).finish_capture()
     }
 
     /// A handle to stop the server from elsewhere.
