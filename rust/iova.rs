@@ -261,7 +261,8 @@ pub struct IovaAllocator {
     holes: Holes,
     host: RevIndex,
     guest: RevIndex,
-    mapped: u64,
+    /// Bytes mapped: up to the whole 64-bit space (2^64) when the device's range starts at 0.
+    mapped: u128,
 }
 
 impl IovaAllocator {
@@ -381,7 +382,7 @@ impl IovaAllocator {
         if let Some(g) = m.guest_addr {
             self.guest.insert(g, m.size, m.iova);
         }
-        self.mapped += m.size;
+        self.mapped += u128::from(m.size);
         self.mappings.insert(m.iova, m);
         m
     }
@@ -398,7 +399,7 @@ impl IovaAllocator {
         if from <= m.last_iova() {
             self.holes.free(from, m.last_iova() - from + 1);
         }
-        self.mapped -= m.size;
+        self.mapped -= u128::from(m.size);
         Ok(m)
     }
 
@@ -431,8 +432,9 @@ impl IovaAllocator {
         self.mappings.is_empty()
     }
 
-    /// Total bytes of live mappings (page-rounded).
-    pub fn mapped_bytes(&self) -> u64 {
+    /// Total bytes of live mappings (page-rounded): up to 2^64 when the device's range
+    /// starts at 0 and all of it is mapped, hence 128 bits.
+    pub fn mapped_bytes(&self) -> u128 {
         self.mapped
     }
 
@@ -518,7 +520,7 @@ mod tests {
         assert_eq!(m.last_iova(), 4 * P - 1);
         let m = a.alloc(2 * P, 0x20_0000, None, RW).unwrap();
         assert_eq!((m.iova, m.last_iova()), (P, 3 * P - 1));
-        assert_eq!(a.mapped_bytes(), 3 * P);
+        assert_eq!(a.mapped_bytes(), u128::from(3 * P));
         assert!(matches!(a.insert(4 * P, P, 0, None, RW), Err(IovaError::OutOfRange { .. })));
     }
 
@@ -551,7 +553,7 @@ mod tests {
         assert_eq!(a.alloc(P, 0, Some(u64::MAX), RW), Err(IovaError::Overflow { addr: u64::MAX, size: P }));
         // Failed calls leave no trace.
         assert_eq!(a.len(), 3);
-        assert_eq!(a.mapped_bytes(), 5 * P);
+        assert_eq!(a.mapped_bytes(), u128::from(5 * P));
     }
 
     #[test]
@@ -762,7 +764,7 @@ mod tests {
     fn check_against_model(a: &IovaAllocator, live: &[Mapping]) {
         let (first, last) = a.range();
         assert_eq!(a.len(), live.len());
-        assert_eq!(a.mapped_bytes(), live.iter().map(|m| m.size).sum::<u64>());
+        assert_eq!(a.mapped_bytes(), live.iter().map(|m| u128::from(m.size)).sum::<u128>());
         let ms: Vec<_> = a.iter().copied().collect();
         let mut want = live.to_vec();
         want.sort_by_key(|m| m.iova);
@@ -788,7 +790,7 @@ mod tests {
         // fixed placement took it).
         let hole_bytes: u128 = a.holes.by_start.values().map(|&l| l as u128).sum();
         let page_zero = if a.find(0).is_some() { P as u128 } else { 0 };
-        assert_eq!(hole_bytes + a.mapped_bytes() as u128, last as u128 - first as u128 + 1 + page_zero);
+        assert_eq!(hole_bytes + a.mapped_bytes(), last as u128 - first as u128 + 1 + page_zero);
         assert_eq!(a.holes.by_start.len(), a.holes.by_len.len());
         for q in (0..70 * P).step_by(509) {
             let hosts = model_lookup(live, q, |m| Some(m.host_addr));
