@@ -203,14 +203,3 @@ fn dirty_log_vs_none() {
         assert!(f.exact, "the dirty log missed a written page or marked another");
     }
 }
-
-#[test]
-fn zz_profile_one() {
-    let Ok(v) = std::env::var("SVQ_PROFILE") else { return };
-    let segs: usize = std::env::var("SVQ_PROFILE_SEGS").map_or(1, |v| v.parse().unwrap());
-    let size: usize = std::env::var("SVQ_PROFILE_SIZE").map_or(64, |v| v.parse().unwrap());
-    let mut h = Harness::new(segs, size, v == "log").unwrap();
-    for _ in 0..10_000 {
-        h.batch().unwrap();
-    }
-}

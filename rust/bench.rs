@@ -831,11 +831,7 @@ mod py {
         event_idx: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let f = py.detach(|| super::forward(segments, frame_size, elements, batch, event_idx)).map_err(PyRuntimeError::new_err)?;
-        let d = PyDict::new(py);
-        d.set_item("elements", f.elements)?;
-        d.set_item("svq_ns", f.svq_ns)?;
-        d.set_item("forward_ns", f.forward_ns)?;
-        d.set_item("reap_ns", f.reap_ns)?;
+        let d = timings(py, &f)?;
         d.set_item("checksum", f.checksum)?;
         d.set_item("device_kicks", f.device_kicks)?;
         d.set_item("device_kicks_suppressed", f.device_kicks_suppressed)?;
@@ -855,6 +851,11 @@ mod py {
         batch: usize,
     ) -> PyResult<Bound<'py, PyDict>> {
         let f = py.detach(|| super::forward_bare(segments, frame_size, elements, batch)).map_err(PyRuntimeError::new_err)?;
+        timings(py, &f)
+    }
+
+    /// Elements and per-element times of a forwarding run, in ns.
+    fn timings<'py>(py: Python<'py>, f: &super::ForwardFigures) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("elements", f.elements)?;
         d.set_item("svq_ns", f.svq_ns)?;

@@ -88,6 +88,14 @@ pub enum Request {
 }
 
 impl Request {
+    /// The shadowed queue the request acts on, for those that need one already running.
+    fn shadowed_queue(&self) -> Option<u32> {
+        match self {
+            Request::Inject { queue, .. } | Request::Capture { queue, .. } | Request::Hook { queue, .. } => Some(*queue),
+            _ => None,
+        }
+    }
+
     /// Tells whoever waits on the request that it will never run.
     fn cancel(self, why: InjectError) {
         match self {
@@ -534,6 +542,10 @@ impl Worker {
     /// Runs one request; the queue it touched, if it should forward now.
     fn apply(&self, r: Request, queues: &mut Vec<ShadowQueue>) -> Option<u32> {
         let find = |queues: &mut Vec<ShadowQueue>, i: u32| queues.iter().position(|q| q.index == i);
+        if let Some(q) = r.shadowed_queue().filter(|&q| find(queues, q).is_none()) {
+            r.cancel(InjectError::Invalid(format!("queue {q} is not shadowed")));
+            return None;
+        }
         match r {
             Request::Log { log, done } => {
                 queues.iter_mut().for_each(|q| q.set_dirty_log(log.clone()));
@@ -567,38 +579,24 @@ impl Worker {
                 let _ = done.send(q.map(Box::new));
                 None
             }
-            Request::Inject { queue, out, in_len, slot } => match find(queues, queue) {
-                Some(at) => {
-                    queues[at].inject(out, in_len, slot);
-                    Some(queue)
-                }
-                None => {
-                    slot.complete(Err(InjectError::Invalid(format!("queue {queue} is not shadowed"))));
-                    None
-                }
-            },
-            Request::Capture { queue, tap, done } => match find(queues, queue) {
-                Some(at) => {
-                    queues[at].set_capture(tap.map(|t| *t));
-                    done.complete(Ok((0, Vec::new())));
-                    None
-                }
-                None => {
-                    done.complete(Err(InjectError::Invalid(format!("queue {queue} is not shadowed"))));
-                    None
-                }
-            },
-            Request::Hook { queue, hook, done } => match find(queues, queue) {
-                Some(at) => {
-                    queues[at].add_hook(hook);
-                    done.complete(Ok((0, Vec::new())));
-                    Some(queue)
-                }
-                None => {
-                    done.complete(Err(InjectError::Invalid(format!("queue {queue} is not shadowed"))));
-                    None
-                }
-            },
+            // Checked above: the queue runs here.
+            Request::Inject { queue, out, in_len, slot } => {
+                let at = find(queues, queue)?;
+                queues[at].inject(out, in_len, slot);
+                Some(queue)
+            }
+            Request::Capture { queue, tap, done } => {
+                let at = find(queues, queue)?;
+                queues[at].set_capture(tap);
+                done.complete(Ok((0, Vec::new())));
+                None
+            }
+            Request::Hook { queue, hook, done } => {
+                let at = find(queues, queue)?;
+                queues[at].add_hook(hook);
+                done.complete(Ok((0, Vec::new())));
+                Some(queue)
+            }
         }
     }
 

@@ -194,7 +194,9 @@ impl Region {
         self.host.as_ptr() as u64
     }
 
-    fn contains(&self, addr: u64, len: u64) -> bool {
+    /// Whether `[addr, addr + len)` lies inside the region.
+    #[inline]
+    pub(crate) fn contains(&self, addr: u64, len: u64) -> bool {
         addr >= self.gpa && addr.checked_add(len).is_some_and(|end| end <= self.gpa + self.size)
     }
 

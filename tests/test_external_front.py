@@ -25,19 +25,6 @@ def guest() -> Iterator[PyGuest]:
     g.close()
 
 
-def loopback(g: PyGuest, s: svq.Session, frames: list[bytes]) -> list[bytes]:
-    rx, tx = g.rings[0], g.rings[1]
-    for _ in frames:
-        rx.add([], [2048])
-    rx.publish()
-    for f in frames:
-        tx.add([f], [])
-    tx.publish()
-    got = [data for _, _, data in rx.reap(len(frames))]
-    tx.reap(len(frames))
-    return got
-
-
 @pytest.mark.parametrize("mode", DATA_MODES, ids=lambda m: m.value)
 def test_an_external_guest_loops_frames_back_intact(guest: PyGuest, mode: svq.Mode) -> None:
     guest.ring(0)
@@ -48,7 +35,7 @@ def test_an_external_guest_loops_frames_back_intact(guest: PyGuest, mode: svq.Mo
             assert s.modes == {0: mode, 1: mode}, "only the guest's queues are served"
             for round_ in range(8):  # several laps of the 256-entry rings
                 frames = [net.frame(net.BROADCAST, bytes([round_, i]) * (20 + i)) for i in range(64)]
-                assert loopback(guest, s, frames) == frames
+                assert guest.loopback(frames) == frames
             if mode is not svq.Mode.PASSTHROUGH:
                 assert s.stats(net.TX)["completed"] == 8 * 64
             with pytest.raises(ValueError, match="external guest"):
@@ -66,7 +53,7 @@ def test_guest_memory_at_address_zero_is_served(mode: svq.Mode) -> None:
         g.ring(1)
         with svq.Session("sim:net", mode=mode, guest=g.external(VERSION_1)) as s:
             frames = [net.frame(net.BROADCAST, bytes([i]) * 60) for i in range(32)]
-            assert loopback(g, s, frames) == frames
+            assert g.loopback(frames) == frames
             at_zero = [m for m in s.mappings() if m["iova"] == 0]
             if mode is svq.Mode.PASSTHROUGH:
                 assert [m["guest_addr"] for m in at_zero] == [0]
@@ -81,7 +68,7 @@ def test_a_ring_that_ran_before_continues_from_its_base(guest: PyGuest) -> None:
     guest.ring(1, base=65500)
     with svq.Session("sim:net", guest=guest.external(VERSION_1)) as s:
         frames = [net.frame(net.BROADCAST, bytes([i]) * 30) for i in range(100)]
-        assert loopback(guest, s, frames) == frames
+        assert guest.loopback(frames) == frames
         # The guest's indices wrapped; the shadow ring the device reads starts at 0.
         assert guest.rings[0].last_used == (65530 + 100) & 0xFFFF
         assert guest.rings[1].last_used == (65500 + 100) & 0xFFFF
@@ -197,7 +184,7 @@ def test_rings_hand_over_from_one_device_to_another(guest: PyGuest, first: svq.M
     rx = guest.rings[0]
     with svq.Session("sim:net", mode=first, guest=guest.external(VERSION_1)) as a:
         frames = [net.frame(net.BROADCAST, bytes([1, i]) * 30) for i in range(50)]
-        assert loopback(guest, a, frames) == frames
+        assert guest.loopback(frames) == frames
         # 40 more receive buffers the device has not taken when the session stops.
         for _ in range(40):
             rx.add([], [2048])

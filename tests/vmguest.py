@@ -146,6 +146,20 @@ class PyGuest:
         self.rings.append(r)
         return r
 
+    def loopback(self, frames: list[bytes], timeout: float = 5.0) -> list[bytes]:
+        """Posts a receive buffer per frame on ring 0, sends the frames on ring 1 (a
+        net queue pair), and returns what came back on ring 0 once both completed."""
+        rx, tx = self.rings[0], self.rings[1]
+        for _ in frames:
+            rx.add([], [2048])
+        rx.publish()
+        for f in frames:
+            tx.add([f], [])
+        tx.publish()
+        got = [data for _, _, data in rx.reap(len(frames), timeout)]
+        tx.reap(len(frames), timeout)
+        return got
+
     def external(self, features: int) -> svq.ExternalGuest:
         return svq.ExternalGuest(
             memory=[svq.MemoryRegion(self.gpa, self.size, self.fd)],

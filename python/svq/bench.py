@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 from . import _native, net, progress
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .session import Driver, Session
     from .types import NetState
 
 MASK64 = (1 << 64) - 1
@@ -366,6 +366,16 @@ def expected_forward_checksum(segments: int, frame_size: int, elements: int, bat
     return (one * rounds) & MASK64
 
 
+def _exchange(d: Driver, frames: Sequence[bytes], segs: int = 1) -> None:
+    """Sends ``frames`` on TX (receive buffers already posted) and waits until all of
+    them came back on RX and TX completed; raises if one was lost or corrupted."""
+    d.send(net.TX, frames, segs)
+    got = d.wait(net.RX, len(frames))
+    d.wait(net.TX, len(frames))
+    if len(got) != len(frames) or got[0][2] != frames[0]:
+        raise RuntimeError("loopback lost or corrupted a frame")
+
+
 def _loopback_rate(
     mode: str, segs: int, size: int, rounds: int, batch: int = 64, dirty_log: bool = False, capture: Path | None = None
 ) -> float:
@@ -385,11 +395,7 @@ def _loopback_rate(
 
         def round_trip() -> None:
             d.post_receive(net.RX, batch, 2048)
-            d.send(net.TX, frames, segs)
-            got = d.wait(net.RX, batch)
-            d.wait(net.TX, batch)
-            if len(got) != batch or got[0][2] != frames[0]:
-                raise RuntimeError("loopback lost or corrupted a frame")
+            _exchange(d, frames, segs)
 
         for _ in range(3):
             round_trip()
@@ -896,11 +902,7 @@ def _loopback(s: Session, n: int = 8) -> None:
             if time.monotonic() > deadline:
                 raise RuntimeError("the shadow did not forward the receive buffers")
             time.sleep(50e-6)
-    s.driver.send(net.TX, frames)
-    got = s.driver.wait(net.RX, n)
-    s.driver.wait(net.TX, n)
-    if len(got) != n or got[0][2] != frames[0]:
-        raise RuntimeError("loopback lost or corrupted a frame across a switch")
+    _exchange(s.driver, frames)
 
 
 def _switch_pair(s: Session, queues: Sequence[int]) -> tuple[float, float]:
@@ -931,14 +933,27 @@ GUEST_LARGE = (1 << 30, 16 << 30)
 GUEST_SMALL = (1 << 30, 32 << 20)
 
 
+def _switch_way_rows(
+    name: str, svq: Sequence[tuple[float, float]], peer: Sequence[tuple[float, float]], **kw: Any
+) -> list[Row]:
+    """A row for each way of a switch (passthrough->translate, then back) from seconds
+    measured as (there, back) pairs: medians in µs, svq's worst as ``svq_max_us``."""
+    med, us = statistics.median, 1e6
+    kw.setdefault("target", SWITCH_TARGET)
+    return [
+        _row(name.format(way=way), med(x[k] for x in svq) * us, med(x[k] for x in peer) * us, "us",
+             higher_better=False, svq_max=SWITCH_MAX_US, svq_max_us=max(x[k] for x in svq) * us, **kw)
+        for k, way in enumerate(("passthrough->translate", "translate->passthrough"))
+    ]
+
+
 def switch_rows(p: Plan) -> list[Row]:
     """Live switches passthrough → translate → passthrough on ``sim:net`` with frames
     flowing between them: one queue, every data queue of the session at once, and the
     session of a 16 GiB guest against the same switch on a 32 MiB guest. Median of the
     repetitions, in µs as the caller of ``Session.switch`` sees them."""
     reps = p.switch_reps
-    med = statistics.median
-    rows = []
+    rows: list[Row] = []
     data = [net.RX, net.TX]
     _progress(f"live switch of one queue and of the session, {reps} times each way")
     with _session_for_switch(GUEST_SMALL) as s:
@@ -957,34 +972,10 @@ def switch_rows(p: Plan) -> list[Row]:
             pause.append(time.perf_counter() - t)
             per_queue = [_switch_pair(s, [q]) for q in data]
             apart.append((sum(x[0] for x in per_queue), sum(x[1] for x in per_queue)))
-    us = 1e6
-    for k, way in enumerate(("passthrough->translate", "translate->passthrough")):
-        rows.append(
-            _row(
-                f"switch 1 queue {way} (vs device suspend+resume)",
-                med(x[k] for x in one) * us,
-                med(pause) * us,
-                "us",
-                higher_better=False,
-                target=SWITCH_TARGET,
-                svq_max=SWITCH_MAX_US,
-                note="informational ratio: the device's pause alone",
-                svq_max_us=max(x[k] for x in one) * us,
-            )
-        )
-    for k, way in enumerate(("passthrough->translate", "translate->passthrough")):
-        rows.append(
-            _row(
-                f"switch session (2 data queues) {way} (vs one queue at a time)",
-                med(x[k] for x in both) * us,
-                med(x[k] for x in apart) * us,
-                "us",
-                higher_better=False,
-                target=SWITCH_TARGET,
-                svq_max=SWITCH_MAX_US,
-                svq_max_us=max(x[k] for x in both) * us,
-            )
-        )
+    pauses = [(t, t) for t in pause]  # one suspend+resume is the peer of either way
+    rows += _switch_way_rows("switch 1 queue {way} (vs device suspend+resume)", one, pauses,
+                             note="informational ratio: the device's pause alone")
+    rows += _switch_way_rows("switch session (2 data queues) {way} (vs one queue at a time)", both, apart)
 
     _progress(f"live switch of a 16 GiB guest's session vs a 32 MiB guest's, {reps} times each way")
     rss0 = _rss_bytes()
@@ -1003,22 +994,9 @@ def switch_rows(p: Plan) -> list[Row]:
     # The guest's memory is a sparse memfd: svq maps its regions and never touches their
     # pages, so the 16 GiB cost neither time nor resident memory.
     note = "" if rss_growth < 256 << 20 else f"resident memory grew by {rss_growth >> 20} MiB"
-    for k, way in enumerate(("passthrough->translate", "translate->passthrough")):
-        rows.append(
-            _row(
-                f"switch 16 GiB guest session {way} (vs 32 MiB guest)",
-                med(x[k] for x in large_t) * us,
-                med(x[k] for x in small_t) * us,
-                "us",
-                higher_better=False,
-                target=f"{SWITCH_TARGET}, ~1.0x the 32 MiB guest (>= 0.5x)",
-                min_ratio=0.5,
-                svq_max=SWITCH_MAX_US,
-                note=note,
-                svq_max_us=max(x[k] for x in large_t) * us,
-                rss_growth_bytes=rss_growth,
-            )
-        )
+    rows += _switch_way_rows("switch 16 GiB guest session {way} (vs 32 MiB guest)", large_t, small_t,
+                             target=f"{SWITCH_TARGET}, ~1.0x the 32 MiB guest (>= 0.5x)", min_ratio=0.5,
+                             note=note, rss_growth_bytes=rss_growth)
     return rows
 
 

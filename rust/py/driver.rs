@@ -28,6 +28,15 @@ fn tuples(py: Python<'_>, done: Vec<Completion>) -> Vec<CompletionTuple> {
     done.into_iter().map(|c| (c.head, c.len, PyBytes::new(py, &c.data).unbind())).collect()
 }
 
+/// `e` with what did complete riding on it as `completions` (nothing is lost on a timeout,
+/// a close, a broken queue or Ctrl-C).
+fn with_completions(py: Python<'_>, e: PyErr, done: Vec<Completion>) -> PyErr {
+    match e.value(py).setattr("completions", tuples(py, done)) {
+        Ok(()) => e,
+        Err(set) => set,
+    }
+}
+
 impl Driver {
     pub(super) fn of_session(session: Py<Session>) -> Self {
         Driver { session }
@@ -104,12 +113,7 @@ impl Driver {
         let (q, count, t) = (q.0, count.0, timeout(timeout_s)?);
         let deadline = Instant::now() + t;
         let mut done = Vec::with_capacity(count.min(1 << 16));
-        // What did complete is never lost: on any error (a timeout, the session closed, a
-        // queue broke, Ctrl-C) it rides on the exception as `completions`.
-        let fail = |e: PyErr, done: Vec<Completion>| -> PyResult<Vec<CompletionTuple>> {
-            e.value(py).setattr("completions", tuples(py, done))?;
-            Err(e)
-        };
+        let fail = |e: PyErr, done: Vec<Completion>| -> PyResult<Vec<CompletionTuple>> { Err(with_completions(py, e, done)) };
         // The driver is locked only while the ring is read, never while sleeping.
         loop {
             let call = match self.with(py, |d| d.wait_step(q, count, whole, &mut done)) {
@@ -144,10 +148,7 @@ impl Driver {
             }
             Ok(if ready || expired.is_some() { None } else { Some(d.call(q)?) })
         });
-        let fail = |e: PyErr, done: Vec<Completion>| -> PyResult<Py<PyAny>> {
-            e.value(py).setattr("completions", tuples(py, done))?;
-            Err(e)
-        };
+        let fail = |e: PyErr, done: Vec<Completion>| -> PyResult<Py<PyAny>> { Err(with_completions(py, e, done)) };
         match (step, expired) {
             (Err(e), _) => fail(e, done),
             (Ok(Some(call)), _) => Ok(Py::new(py, Notifier::new(call))?.into_any()),

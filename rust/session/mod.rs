@@ -334,6 +334,11 @@ impl Session {
         self.modes.iter().find(|(i, _)| *i == q).map(|(_, m)| *m)
     }
 
+    /// The queues served in passthrough (the device reads the guest's rings itself).
+    pub(crate) fn passthrough_queues(&self) -> Vec<u32> {
+        self.modes.iter().filter(|(_, m)| *m == Mode::Passthrough).map(|(q, _)| *q).collect()
+    }
+
     /// Negotiated virtio features.
     pub fn features(&self) -> u64 {
         self.features
@@ -498,7 +503,7 @@ impl Session {
         }
         let dev = self.device.clone();
         let can_suspend = crate::virtio::has(self.backend_features, crate::virtio::backend_feature::SUSPEND);
-        let passthrough: Vec<u32> = self.modes.iter().filter(|(_, m)| *m == Mode::Passthrough).map(|(q, _)| *q).collect();
+        let passthrough = self.passthrough_queues();
         if !passthrough.is_empty() && !can_suspend {
             return Err(SessionError::Negotiation("a passthrough ring's position can be saved only on a device that can SUSPEND".into()));
         }

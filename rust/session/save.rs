@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use super::{GuestSource, Mode, QueuePosition, Session, SessionConfig, SessionError};
+use super::{GuestSource, QueuePosition, Session, SessionConfig, SessionError};
 use crate::device::Device;
 use crate::engine::Engine;
 use crate::front::driver::Driver;
@@ -51,7 +51,7 @@ impl Session {
         }
         let dev = self.device.clone();
         let id = dev.device_id().map_err(|e| fail(e.into()))?;
-        let passthrough: Vec<u32> = self.modes.iter().filter(|(_, m)| *m == Mode::Passthrough).map(|(q, _)| *q).collect();
+        let passthrough = self.passthrough_queues();
         if id != device_id::NET && !passthrough.is_empty() {
             return Err(fail(SessionError::Invalid(format!(
                 "queues {passthrough:?} are passthrough on a device that completes out of order: switch them to the shadow before saving"

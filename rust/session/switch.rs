@@ -184,7 +184,7 @@ impl Session {
     /// logged (the device writes guest memory itself): switch it to the shadow first.
     pub fn set_dirty_log(&mut self, log: Option<Arc<DirtyLog>>) -> Result<(), SessionError> {
         if log.is_some() {
-            let passthrough: Vec<u32> = self.modes.iter().filter(|(_, m)| *m == Mode::Passthrough).map(|(q, _)| *q).collect();
+            let passthrough = self.passthrough_queues();
             if !passthrough.is_empty() {
                 return Err(SessionError::Invalid(format!(
                     "queues {passthrough:?} are passthrough: switch them to the shadow to log them"

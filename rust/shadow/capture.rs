@@ -13,7 +13,7 @@ use super::ShadowQueue;
 use crate::bounce::BounceBuf;
 use crate::capture::Tap;
 use crate::mem::GuestMemory;
-use crate::ring::{ChainSink, Segment};
+use crate::ring::Segment;
 
 /// Copies the bytes of `segs` from offset `skip` into `dst`; false when they are shorter
 /// or not guest memory (the frame is then not captured: capture never breaks a queue).
@@ -48,31 +48,11 @@ pub(super) fn fill_from_bounce(b: &BounceBuf, skip: u64, dst: &mut [u8]) -> bool
     fits
 }
 
-/// Collects a chain's writable segments.
-struct Writable<'a>(&'a mut Vec<Segment>);
-
-impl ChainSink for Writable<'_> {
-    fn segment(&mut self, seg: Segment, write: bool) {
-        if write {
-            self.0.push(seg);
-        }
-    }
-}
-
 impl ShadowQueue {
-    /// Attaches a tap (or detaches it with None); the one it replaces is returned, its
-    /// last batch handed over.
-    pub fn set_capture(&mut self, tap: Option<Tap>) -> Option<Tap> {
-        let old = std::mem::replace(&mut self.capture, tap.map(Box::new));
-        old.map(|mut t| {
-            t.flush();
-            *t
-        })
-    }
-
-    /// Whether a tap is attached.
-    pub fn capturing(&self) -> bool {
-        self.capture.is_some()
+    /// Attaches a tap (or detaches it with None); the one it replaces hands its last
+    /// batch over as it is dropped.
+    pub fn set_capture(&mut self, tap: Option<Box<Tap>>) {
+        self.capture = tap;
     }
 
     /// Hands what the tap recorded in this pass over to the writer.
@@ -90,10 +70,12 @@ impl ShadowQueue {
     #[cold]
     pub(super) fn capture_chain(&mut self, head: u16, len: u32) {
         let Some(tap) = self.capture.as_deref_mut().filter(|_| len > 0) else { return };
-        let mut segs = Vec::new();
-        if self.guest.walk_head(&*self.mem, head, &mut Writable(&mut segs)).is_ok() {
+        // The queue's reusable chain: no allocation per element.
+        let chain = &mut self.chain;
+        chain.clear();
+        if self.guest.walk_head(&*self.mem, head, chain).is_ok() {
             let mem = &*self.mem;
-            tap.record(u64::from(len), |skip, dst| fill_from_guest(mem, &segs, skip, dst));
+            tap.record(u64::from(len), |skip, dst| fill_from_guest(mem, &chain.inn, skip, dst));
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use super::ShadowQueue;
 use crate::dirty::DirtyLog;
-use crate::mem::{GuestMemory, Region};
+use crate::mem::GuestMemory;
 use crate::ring::layout::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use crate::ring::{BufferSpace, ChainSink, Segment};
 use crate::virtio::PAGE_SIZE;
@@ -29,21 +29,15 @@ impl ChainSink for Written<'_> {
     }
 }
 
-/// Whether `[addr, addr + len)` lies inside region `r`.
-#[inline]
-fn inside(r: &Region, addr: u64, len: u64) -> bool {
-    addr.wrapping_sub(r.gpa) < r.size && len <= r.size - (addr - r.gpa)
-}
-
 /// Whether `[addr, addr + len)` is guest memory; `at` is the region the last buffer was
 /// in (a chain's buffers mostly share one), and becomes this one's.
 #[inline]
 fn in_guest(mem: &GuestMemory, at: &mut usize, addr: u64, len: u64) -> bool {
     let regions = mem.regions();
-    if regions.get(*at).is_some_and(|r| inside(r, addr, len)) {
+    if regions.get(*at).is_some_and(|r| r.contains(addr, len)) {
         return true;
     }
-    match regions.iter().position(|r| inside(r, addr, len)) {
+    match regions.iter().position(|r| r.contains(addr, len)) {
         Some(i) => {
             *at = i;
             true
