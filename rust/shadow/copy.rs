@@ -79,7 +79,7 @@ impl ShadowQueue {
         // The chain's readable list goes back to be reused; its writable list travels with
         // the element (the copy-back target) and comes back at completion.
         let Element { origin, mut chain, out_bytes, .. } = el;
-        let guest_in = std::mem::take(&mut chain.inn);
+        let guest_in = self.take_inn(&mut chain);
         if self.chain.out.capacity() == 0 {
             self.chain = chain;
         }

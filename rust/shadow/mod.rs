@@ -124,6 +124,10 @@ pub struct ShadowQueue {
     used_gpa: u64,
     /// The packet capture's tap, while one is attached.
     capture: Option<Box<crate::capture::Tap>>,
+    /// Emptied writable-segment lists of completed elements, for the chains popped next:
+    /// an element that keeps its list in flight (copy mode, hooks, a capture) takes one
+    /// from here instead of allocating; never more than the ring holds.
+    spare_inn: Vec<Vec<Segment>>,
 }
 
 /// Everything a shadow queue is built from.
@@ -182,6 +186,7 @@ impl ShadowQueue {
             log: None,
             used_gpa: p.used_gpa,
             capture: None,
+            spare_inn: Vec::new(),
         }
     }
 
@@ -480,6 +485,13 @@ impl ShadowQueue {
         res
     }
 
+    /// Takes a chain's writable-segment list to travel with its element, leaving the
+    /// chain a spare list (see `spare_inn`) so that popping the next one allocates nothing.
+    #[inline]
+    fn take_inn(&mut self, chain: &mut Chain) -> Vec<Segment> {
+        std::mem::replace(&mut chain.inn, self.spare_inn.pop().unwrap_or_default())
+    }
+
     /// Completes one element the device returned with `len` (already checked against the
     /// writable size): copies the written bytes back, runs the hooks, frees the buffers.
     fn complete(&mut self, f: InFlight, len: u32) -> Result<(), Fault> {
@@ -518,9 +530,9 @@ impl ShadowQueue {
             self.show_completion(out, &written);
         }
         let _ = self.release(out_buf, in_buf);
-        if self.chain.inn.capacity() == 0 {
+        if guest_in.capacity() > 0 && self.spare_inn.len() < usize::from(self.shadow.size()) {
             guest_in.clear();
-            self.chain.inn = guest_in;
+            self.spare_inn.push(guest_in);
         }
         if let Some(origin) = origin {
             self.finish(origin, len, Ok(written));

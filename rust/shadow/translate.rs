@@ -139,7 +139,7 @@ impl ShadowQueue {
         // Hooks (and a capture) read what the device wrote from the guest's writable
         // segments.
         let keep = !self.hooks.is_empty() || (self.capture.is_some() && !chain.inn.is_empty());
-        let guest_in = if keep { std::mem::take(&mut chain.inn) } else { Vec::new() };
+        let guest_in = if keep { self.take_inn(&mut chain) } else { Vec::new() };
         self.chain = chain;
         self.in_flight.track(head, InFlight { origin, out_buf: None, in_buf: None, guest_in, out_bytes });
         bump(&self.stats.elements, 1);
