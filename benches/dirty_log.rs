@@ -1,7 +1,9 @@
 //! Dirty logging's cost on the forwarding path: svq's translate-mode `ShadowQueue` driven
 //! in process (the same harness as `svq bench`'s in-process forwarding rows, with chains
 //! the device writes into, as on a receive queue) with a `DirtyLog` attached against the
-//! same queue without one, alternating in the same run.
+//! same queue without it, a dirty round of each in turn: one queue, one memory, one set
+//! of buffers, so that the two differ only in the log (two queues in two memories differ
+//! in cache placement by more than the log costs).
 //!
 //! A cargo test binary like `guest_ring_parse.rs` (the library's in-process bench module
 //! is built only into the Python extension); it prints one `SVQ_BENCH {json}` line per
@@ -65,14 +67,14 @@ struct Harness {
     device: RingReader,
     chains: Vec<Vec<Buf>>,
     chain: Chain,
-    log: Option<Arc<DirtyLog>>,
+    log: Arc<DirtyLog>,
     /// The pages a round must have logged: the buffers' and the used ring's.
     want: BTreeSet<u64>,
     _mem: (Arc<GuestMemory>, GuestMemory),
 }
 
 impl Harness {
-    fn new(segments: usize, frame: usize, logged: bool) -> Result<Self, String> {
+    fn new(segments: usize, frame: usize) -> Result<Self, String> {
         let lens = segment_lens(frame, segments);
         let mem = Arc::new(GuestMemory::new(&[(GPA, SIZE)]).map_err(|e| e.to_string())?);
         let layout = RingLayout::new(QUEUE).ok_or("queue size")?;
@@ -83,7 +85,7 @@ impl Harness {
         let efd = || EventFd::new().map_err(|e| format!("eventfd: {e}"));
         let fds = ShadowFds { guest_kick: Arc::new(efd()?), guest_call: Arc::new(efd()?), device_kick: efd()?, device_call: efd()? };
         let used_gpa = GPA + layout.packed_offsets().2;
-        let mut sq = ShadowQueue::new(ShadowParts {
+        let sq = ShadowQueue::new(ShadowParts {
             index: 0,
             forwarding: Forwarding::Translate,
             guest: RingReader::new(guest_ring, 0, true, false),
@@ -97,8 +99,7 @@ impl Harness {
             bounce: None,
             used_gpa,
         });
-        let log = logged.then(|| DirtyLog::new(GPA + SIZE).map(Arc::new)).transpose().map_err(|e| e.to_string())?;
-        sq.set_dirty_log(log.clone());
+        let log = Arc::new(DirtyLog::new(GPA + SIZE).map_err(|e| e.to_string())?);
         let mut guest = RingWriter::new(guest_ring, 0, true);
         let mut device = RingReader::new(shadow_ring, 0, true, false);
         device.enable_notify();
@@ -113,9 +114,13 @@ impl Harness {
         Ok(Harness { sq, guest, device, chains, chain: Chain::default(), log, want, _mem: (mem, shadow_mem) })
     }
 
-    /// One batch: the guest publishes, svq forwards (timed), the device completes every
-    /// chain with its whole writable length, svq reaps (timed), the guest reaps. svq's ns.
-    fn batch(&mut self) -> Result<f64, String> {
+    /// One batch, with the log attached or not: the guest publishes, svq forwards (timed),
+    /// the device completes every chain with its whole writable length, svq reaps (timed),
+    /// the guest reaps. svq's ns.
+    fn batch(&mut self, logged: bool) -> Result<f64, String> {
+        if logged != self.sq.logging() {
+            self.sq.set_dirty_log(logged.then(|| self.log.clone()));
+        }
         for c in &self.chains {
             self.guest.add(c).map_err(|e| e.to_string())?;
         }
@@ -145,45 +150,54 @@ impl Harness {
         Ok(ns)
     }
 
-    /// One dirty round (untimed): whether the log held exactly the pages written.
+    /// One dirty round (untimed): whether the log held exactly the pages the logged
+    /// batches wrote (every batch writes the same buffers).
     fn round(&mut self) -> bool {
-        self.log.as_deref().is_none_or(|log| log.fetch_and_clear().into_iter().collect::<BTreeSet<_>>() == self.want)
+        self.log.fetch_and_clear().into_iter().collect::<BTreeSet<_>>() == self.want
     }
 }
 
-/// What [`measure`] found: svq's ns per element with the log and without, each the best
-/// dirty round (`ROUND` batches) of its own, and whether every round logged exactly.
+/// What [`measure`] found: svq's ns per element with the log and without, each the median
+/// over the dirty rounds (`ROUND` batches each; the median, because a round that an
+/// interrupt or another process hit is slower by far more than the log costs), and
+/// whether every round logged exactly.
 struct Figures {
     logged_ns: f64,
     plain_ns: f64,
     exact: bool,
 }
 
-/// The logged queue and the plain one, a batch of each in turn (so that both see the same
-/// machine), for `rounds` dirty rounds.
+/// A dirty round (`ROUND` batches) with the log and one without in turn, for `rounds`
+/// rounds each: whole rounds rather than single batches, so that each finds the caches and
+/// branch predictors as a queue that stays logged (or not) for a while does.
 fn measure(segments: usize, frame: usize, rounds: u64) -> Result<Figures, String> {
-    let (mut logged, mut plain) = (Harness::new(segments, frame, true)?, Harness::new(segments, frame, false)?);
-    let (mut best_logged, mut best_plain, mut exact) = (f64::MAX, f64::MAX, true);
+    let mut h = Harness::new(segments, frame)?;
+    let (mut logged, mut plain, mut exact) = (Vec::new(), Vec::new(), true);
     for r in 0..rounds {
-        let (mut tl, mut tp) = (0f64, 0f64);
-        for b in 0..ROUND {
-            // Which goes first alternates, so neither always finds the caches warm.
-            if b % 2 == 0 {
-                tl += logged.batch()?;
-                tp += plain.batch()?;
-            } else {
-                tp += plain.batch()?;
-                tl += logged.batch()?;
+        // Which goes first alternates, so neither always follows the other.
+        for with_log in [r % 2 == 0, r % 2 != 0] {
+            let mut t = 0f64;
+            for _ in 0..ROUND {
+                t += h.batch(with_log)?;
+            }
+            if with_log {
+                exact &= h.round();
+            }
+            // The first rounds warm up.
+            if r > 1 {
+                if with_log {
+                    logged.push(t)
+                } else {
+                    plain.push(t)
+                }
             }
         }
-        exact &= logged.round();
-        if r > 0 {
-            best_logged = best_logged.min(tl);
-            best_plain = best_plain.min(tp);
-        }
     }
-    let per = |t: f64| t / (ROUND as usize * BATCH) as f64;
-    Ok(Figures { logged_ns: per(best_logged), plain_ns: per(best_plain), exact })
+    let per = |mut t: Vec<f64>| {
+        t.sort_by(f64::total_cmp);
+        t[t.len() / 2] / (ROUND as usize * BATCH) as f64
+    };
+    Ok(Figures { logged_ns: per(logged), plain_ns: per(plain), exact })
 }
 
 #[test]

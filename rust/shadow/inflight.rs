@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::inject::InjectSlot;
 use crate::bounce::BounceBuf;
 use crate::ring::{Chain, Segment};
+use crate::virtio::PAGE_SIZE;
 
 /// Where an element came from.
 #[derive(Debug)]
@@ -66,17 +67,133 @@ enum Slot {
     Rich,
 }
 
+/// The guest pages a translated chain's writable buffers cover, noted as the chain is
+/// popped while a dirty log is attached: reaping it then marks them without reading the
+/// guest's descriptors again (which the guest could have changed meanwhile).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) enum WriteSpan {
+    /// Nothing noted (no writable buffer yet, or popped while no log was attached).
+    #[default]
+    Unknown,
+    /// One writable buffer: what the device wrote is its first used-length bytes.
+    One { addr: u64, len: u32 },
+    /// Writable buffers whose pages form the one run `first..=last`; what the device
+    /// wrote is that run only when it wrote all `total` bytes.
+    Run { first: u64, last: u64, total: u64 },
+    /// Writable buffers on pages apart: the chain is walked again.
+    Scattered,
+}
+
+impl WriteSpan {
+    /// The pages `first..=last` written when the device reports `len` bytes, if the span
+    /// knows them.
+    #[inline]
+    pub(super) fn written_pages(self, len: u32) -> Option<(u64, u64)> {
+        match self {
+            WriteSpan::One { addr, len: cap } => {
+                let n = u64::from(len.min(cap));
+                (n > 0).then(|| (addr / PAGE_SIZE, (addr + n - 1) / PAGE_SIZE))
+            }
+            WriteSpan::Run { first, last, total } if u64::from(len) == total => Some((first, last)),
+            _ => None,
+        }
+    }
+}
+
+/// Builds a chain's [`WriteSpan`] from its writable buffers as the reader validates them
+/// (a few plain fields: this runs in the pop).
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct SpanNotes {
+    /// The first buffer (`len` 0: none yet; the reader refuses empty buffers).
+    addr: u64,
+    len: u32,
+    /// From the second buffer on: the last page of the run so far and the bytes of every
+    /// buffer (`total` 0: one buffer only).
+    last: u64,
+    total: u64,
+    /// A buffer did not continue the run.
+    apart: bool,
+}
+
+impl SpanNotes {
+    /// Adds the chain's next writable buffer (validated guest memory: no wrap).
+    #[inline]
+    pub(super) fn add(&mut self, seg: Segment) {
+        if self.len == 0 {
+            (self.addr, self.len) = (seg.addr, seg.len);
+        } else {
+            self.add_more(seg);
+        }
+    }
+
+    /// A second or later buffer: it continues the run of pages when it starts in the
+    /// run's last page or the next one (the buffers of a receive chain follow each other).
+    #[inline]
+    fn add_more(&mut self, seg: Segment) {
+        if self.total == 0 {
+            self.last = (self.addr + u64::from(self.len) - 1) / PAGE_SIZE;
+            self.total = u64::from(self.len);
+        }
+        let (first, last) = (seg.addr / PAGE_SIZE, (seg.addr + u64::from(seg.len) - 1) / PAGE_SIZE);
+        self.apart |= first.wrapping_sub(self.last) > 1;
+        self.last = self.last.max(last);
+        self.total += u64::from(seg.len);
+    }
+
+    /// What the buffers seen make.
+    #[inline]
+    pub(super) fn span(&self) -> WriteSpan {
+        if self.len == 0 {
+            WriteSpan::Unknown
+        } else if self.total == 0 {
+            WriteSpan::One { addr: self.addr, len: self.len }
+        } else if self.apart {
+            WriteSpan::Scattered
+        } else {
+            WriteSpan::Run { first: self.addr / PAGE_SIZE, last: self.last, total: self.total }
+        }
+    }
+}
+
 /// The table of shadow heads in flight, allocated once with the ring.
 #[derive(Debug)]
 pub(super) struct InFlightTable {
     slots: Vec<Slot>,
     /// The [`InFlight`] of each head whose slot is [`Slot::Rich`].
     rich: Vec<Option<InFlight>>,
+    /// Per head, the pages its guest chain may have written (see [`WriteSpan`]): noted
+    /// for every chain popped while a dirty log is attached, forgotten when one is
+    /// attached.
+    spans: Vec<WriteSpan>,
 }
 
 impl InFlightTable {
     pub(super) fn new(size: u16) -> Self {
-        InFlightTable { slots: vec![Slot::Free; size as usize], rich: (0..size).map(|_| None).collect() }
+        InFlightTable {
+            slots: vec![Slot::Free; size as usize],
+            rich: (0..size).map(|_| None).collect(),
+            spans: vec![WriteSpan::Unknown; size as usize],
+        }
+    }
+
+    /// Notes the write span of the guest chain on shadow head `head`.
+    #[inline]
+    pub(super) fn set_span(&mut self, head: u16, span: WriteSpan) {
+        if let Some(s) = self.spans.get_mut(head as usize) {
+            *s = span;
+        }
+    }
+
+    /// The write span noted for shadow head `head`.
+    #[inline]
+    pub(super) fn span(&self, head: u16) -> WriteSpan {
+        self.spans.get(head as usize).copied().unwrap_or_default()
+    }
+
+    /// Forgets every noted span: chains popped while no log was attached left theirs
+    /// stale.
+    pub(super) fn forget_spans(&mut self) {
+        self.spans.fill(WriteSpan::Unknown);
     }
 
     /// Records that shadow head `head` carries guest chain `guest` and nothing else.
@@ -94,6 +211,8 @@ impl InFlightTable {
         if i >= self.slots.len() {
             return;
         }
+        // Elements tracked whole are logged from what they hold, or by a walk.
+        self.spans[i] = WriteSpan::Unknown;
         match f {
             InFlight { origin: Origin::Guest(g), out_buf: None, in_buf: None, out_bytes: None, ref guest_in } if guest_in.is_empty() => {
                 self.slots[i] = Slot::Guest(g);

@@ -467,7 +467,7 @@ impl ShadowQueue {
                     if CAPTURE {
                         self.capture_chain(guest_head, len);
                     }
-                    self.log_chain(guest_head, len);
+                    self.log_chain(head, guest_head, len);
                     self.guest.push_used(guest_head, len);
                     completed += 1;
                     self.pushed = true;

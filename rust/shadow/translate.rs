@@ -1,7 +1,7 @@
 //! Translate forwarding (zero copy): each guest buffer becomes shadow buffers at the IOVAs
 //! where that guest memory is mapped for the device.
 
-use super::inflight::{Element, InFlight, Origin};
+use super::inflight::{Element, InFlight, Origin, SpanNotes};
 use super::{bump, Sent, ShadowQueue};
 use crate::fault::Fault;
 use crate::ring::{Buf, ChainSink, Segment};
@@ -20,12 +20,15 @@ pub struct RegionIova {
 /// Translates guest segments straight into shadow buffers while the reader validates
 /// them (no chain is collected). The first untranslatable address is kept and reported
 /// once the reader accepted the whole chain, so a chain's reader errors come first, as
-/// when translating after the pop.
+/// when translating after the pop. With `log` (a dirty log is attached) it also notes the
+/// pages the writable segments cover.
 struct Translator<'a> {
     regions: &'a [RegionIova],
     bufs: &'a mut Vec<Buf>,
     out_len: u64,
     unmapped: Option<u64>,
+    log: bool,
+    span: SpanNotes,
 }
 
 impl ChainSink for Translator<'_> {
@@ -33,6 +36,8 @@ impl ChainSink for Translator<'_> {
     fn segment(&mut self, seg: Segment, write: bool) {
         if !write {
             self.out_len += seg.len as u64;
+        } else if self.log {
+            self.span.add(seg);
         }
         if self.unmapped.is_none() {
             if let Err(addr) = translate_segment(self.regions, seg, write, self.bufs) {
@@ -71,17 +76,19 @@ impl ShadowQueue {
     /// buffers; the shadow head remembers only the guest head. Returns whether a chain
     /// had to wait for room (it is then `held`, popped as a whole like any other).
     pub(super) fn forward_translated(&mut self) -> Result<bool, Fault> {
+        let log = self.log.is_some();
         let size = self.shadow.size() as usize;
         let (mut elements, mut bytes_out) = (0u64, 0u64);
         let res = loop {
             self.bufs.clear();
-            let mut t = Translator { regions: &self.regions, bufs: &mut self.bufs, out_len: 0, unmapped: None };
+            let mut t =
+                Translator { regions: &self.regions, bufs: &mut self.bufs, out_len: 0, unmapped: None, log, span: SpanNotes::default() };
             let head = match self.guest.pop_with(&*self.mem, &mut t) {
                 Ok(Some(head)) => head,
                 Ok(None) => break Ok(false),
                 Err(e) => break Err(Fault::Chain(e)),
             };
-            let (out_len, unmapped) = (t.out_len, t.unmapped);
+            let (out_len, unmapped, span) = (t.out_len, t.unmapped, t.span);
             if let Some(addr) = unmapped {
                 break Err(Fault::GuestAddressUnmapped { addr });
             }
@@ -91,6 +98,9 @@ impl ShadowQueue {
             match self.shadow.add(&self.bufs) {
                 Ok(shead) => {
                     self.in_flight.set_guest(shead, head);
+                    if log {
+                        self.in_flight.set_span(shead, span.span());
+                    }
                     elements += 1;
                     bytes_out += out_len;
                 }
