@@ -53,9 +53,82 @@ const CHUNK_PAGES: usize = 64;
 struct Chunk {
     mem: GuestMemory,
     iova: u64,
-    used: Vec<bool>,
+    used: PageMap,
     /// Per page: how many leading bytes may be non-zero.
     dirty: Vec<u16>,
+}
+
+/// Which pages of a chunk are taken, one bit per page: a chunk of 64 pages is one word,
+/// in which the lowest free run of any length is found with a few shifts.
+#[derive(Debug)]
+struct PageMap {
+    words: Vec<u64>,
+    pages: usize,
+    free: usize,
+}
+
+impl PageMap {
+    fn new(pages: usize) -> Self {
+        PageMap { words: vec![0; pages.div_ceil(64)], pages, free: pages }
+    }
+
+    fn is_taken(&self, p: usize) -> bool {
+        self.words[p / 64] & (1 << (p % 64)) != 0
+    }
+
+    /// Marks pages `first..first + n` taken or free (they are the other).
+    fn set(&mut self, first: usize, n: usize, taken: bool) {
+        let (mut p, end) = (first, first + n);
+        while p < end {
+            let (w, bit) = (p / 64, p % 64);
+            let span = (64 - bit).min(end - p);
+            let mask = if span == 64 { u64::MAX } else { ((1u64 << span) - 1) << bit };
+            if taken {
+                self.words[w] |= mask;
+            } else {
+                self.words[w] &= !mask;
+            }
+            p += span;
+        }
+        if taken {
+            self.free -= n;
+        } else {
+            self.free += n;
+        }
+    }
+
+    /// The first page of the lowest run of `n` (>= 1) free pages.
+    fn find(&self, n: usize) -> Option<usize> {
+        if n > self.free {
+            return None;
+        }
+        if let [word] = self.words[..] {
+            // Bit p of `starts`: a run of `len` free pages starts at page p; each step
+            // doubles `len` (at most up to n).
+            let mut starts = !word & if self.pages == 64 { u64::MAX } else { (1u64 << self.pages) - 1 };
+            let mut len = 1;
+            while len < n && starts != 0 {
+                let step = len.min(n - len);
+                starts &= starts >> step;
+                len += step;
+            }
+            return (starts != 0).then(|| starts.trailing_zeros() as usize);
+        }
+        // A chunk grown for one large run: page by page, skipping taken words.
+        let (mut run, mut p) = (0, 0);
+        while p < self.pages {
+            if run == 0 && p % 64 == 0 && self.words[p / 64] == u64::MAX {
+                p += 64;
+                continue;
+            }
+            run = if self.is_taken(p) { 0 } else { run + 1 };
+            p += 1;
+            if run == n {
+                return Some(p - n);
+            }
+        }
+        None
+    }
 }
 
 #[derive(Debug)]
@@ -168,7 +241,7 @@ impl BouncePool {
             .collect();
         let maps = self.dma.map(self.asid, &reqs)?;
         for ((mem, m), &pages) in mems.into_iter().zip(maps).zip(sizes) {
-            self.chunks.push(Chunk { mem, iova: m.iova, used: vec![false; pages], dirty: vec![0; pages] });
+            self.chunks.push(Chunk { mem, iova: m.iova, used: PageMap::new(pages), dirty: vec![0; pages] });
         }
         Ok(())
     }
@@ -228,8 +301,8 @@ impl BouncePool {
                 let c = &mut self.chunks[chunk];
                 let whole = c.mem.regions()[0].slice();
                 let page = PAGE_SIZE as usize;
+                c.used.set(first, pages, true);
                 for p in first..first + pages {
-                    c.used[p] = true;
                     // Zero what may be non-zero and is not about to be overwritten.
                     let from = keep.saturating_sub((p - first) * page).min(page);
                     let to = c.dirty[p] as usize;
@@ -254,17 +327,9 @@ impl BouncePool {
         Ok(buf)
     }
 
+    /// The lowest run of `pages` free pages: (chunk, first page).
     fn find(&self, pages: usize) -> Option<(usize, usize)> {
-        for (ci, c) in self.chunks.iter().enumerate() {
-            let mut run = 0;
-            for (i, used) in c.used.iter().enumerate() {
-                run = if *used { 0 } else { run + 1 };
-                if run == pages {
-                    return Some((ci, i + 1 - pages));
-                }
-            }
-        }
-        None
+        self.chunks.iter().enumerate().find_map(|(ci, c)| c.used.find(pages).map(|first| (ci, first)))
     }
 
     /// Returns a buffer: back into the pool (remembering what may be non-zero in it), or
@@ -281,8 +346,8 @@ impl BouncePool {
                 for p in first..first + pages {
                     let bytes = extent.saturating_sub((p - first) * page).min(page) as u16;
                     c.dirty[p] = c.dirty[p].max(bytes);
-                    c.used[p] = false;
                 }
+                c.used.set(first, pages, false);
                 Ok(())
             }
             Home::Own { mem } => {
@@ -382,6 +447,64 @@ mod tests {
             p.free(b).unwrap();
         }
         assert_eq!(p.live(), 0);
+    }
+
+    #[test]
+    fn page_map_finds_the_lowest_free_run() {
+        let mut m = PageMap::new(64);
+        assert_eq!(m.find(64), Some(0));
+        m.set(0, 3, true);
+        m.set(5, 10, true);
+        assert_eq!((m.find(1), m.find(2), m.find(3)), (Some(3), Some(3), Some(15)));
+        assert_eq!(m.find(49), Some(15));
+        assert_eq!(m.find(50), None, "49 free pages in a row at most");
+        m.set(63, 1, true);
+        assert_eq!((m.find(48), m.find(49)), (Some(15), None));
+        m.set(0, 3, false);
+        assert_eq!((m.find(5), m.find(6)), (Some(0), Some(15)));
+        assert_eq!(m.free, 64 - 11);
+        // A chunk shorter than a word has no pages past its end.
+        let mut m = PageMap::new(10);
+        assert_eq!((m.find(10), m.find(11)), (Some(0), None));
+        m.set(9, 1, true);
+        assert_eq!(m.find(10), None);
+        // A chunk of several words: runs across words, taken words skipped.
+        let mut m = PageMap::new(200);
+        m.set(0, 64, true);
+        m.set(100, 1, true);
+        assert_eq!((m.find(36), m.find(37), m.find(99)), (Some(64), Some(101), Some(101)));
+        assert_eq!(m.find(100), None);
+        m.set(100, 1, false);
+        assert_eq!(m.find(136), Some(64));
+    }
+
+    proptest::proptest! {
+        /// Against a page-by-page model: taking the run `find` gives, then freeing some.
+        #[test]
+        fn page_map_agrees_with_a_page_by_page_scan(
+            pages in 1usize..200,
+            ops in proptest::collection::vec((1usize..70, proptest::bool::ANY), 1..60),
+        ) {
+            let mut m = PageMap::new(pages);
+            let mut model = vec![false; pages];
+            let mut taken: Vec<(usize, usize)> = Vec::new();
+            for (n, free_one) in ops {
+                if free_one && !taken.is_empty() {
+                    let (first, len) = taken.remove(n % taken.len());
+                    m.set(first, len, false);
+                    model[first..first + len].fill(false);
+                    continue;
+                }
+                let want = (0..pages.saturating_sub(n - 1)).find(|&p| model[p..p + n].iter().all(|t| !t));
+                proptest::prop_assert_eq!(m.find(n), want);
+                if let Some(first) = want {
+                    m.set(first, n, true);
+                    model[first..first + n].fill(true);
+                    taken.push((first, n));
+                }
+                proptest::prop_assert_eq!(m.free, model.iter().filter(|t| !**t).count());
+            }
+        }
     }
 
     #[test]
