@@ -8,7 +8,10 @@
 //!   a device-writable buffer is handed out all zero, a device-readable one holds the
 //!   copied bytes and zeroes after them to its page-rounded end. So the device never sees
 //!   host memory or a previous buffer's tail, and a buffer overwritten whole costs no
-//!   extra pass.
+//!   extra pass. A device-writable buffer counts as written up to the length the device
+//!   was given (a one-byte control-queue ack dirties one byte, not a page); a device
+//!   that writes past its buffer can only ever find its own bytes there again, which it
+//!   could write at any time anyway (the chunks stay mapped).
 //! - [`Strategy::PerElement`] creates, maps, unmaps and frees memory for every buffer.
 
 use std::ptr::NonNull;
@@ -133,7 +136,7 @@ impl PageMap {
 
 #[derive(Debug)]
 enum Home {
-    Pool { chunk: usize, first: usize, pages: usize, device_writable: bool },
+    Pool { chunk: usize, first: usize, pages: usize },
     Own { mem: GuestMemory },
 }
 
@@ -246,7 +249,8 @@ impl BouncePool {
         Ok(())
     }
 
-    /// A zero-filled buffer of at least `len` bytes, for the device to write.
+    /// A zero-filled buffer of at least `len` bytes, for the device to write its first
+    /// `len` bytes.
     pub fn alloc(&mut self, len: usize) -> Result<BounceBuf, BounceError> {
         self.take(len, 0, true)
     }
@@ -317,8 +321,9 @@ impl BouncePool {
                     iova: c.iova + (first as u64) * PAGE_SIZE,
                     host,
                     cap: pages * page,
-                    written: 0,
-                    home: Home::Pool { chunk, first, pages, device_writable },
+                    // What the device may write counts as written.
+                    written: if device_writable { len } else { 0 },
+                    home: Home::Pool { chunk, first, pages },
                 }
             }
         };
@@ -338,10 +343,9 @@ impl BouncePool {
         self.live -= 1;
         LIVE.fetch_sub(1, Ordering::SeqCst);
         match buf.home {
-            Home::Pool { chunk, first, pages, device_writable } => {
+            Home::Pool { chunk, first, pages } => {
                 let c = &mut self.chunks[chunk];
-                // The device may have written anywhere in a writable buffer.
-                let extent = if device_writable { buf.cap } else { buf.written };
+                let extent = buf.written;
                 let page = PAGE_SIZE as usize;
                 for p in first..first + pages {
                     let bytes = extent.saturating_sub((p - first) * page).min(page) as u16;
@@ -428,6 +432,13 @@ mod tests {
         p.free(b).unwrap();
         let b = p.alloc(8192).unwrap();
         assert!(b.to_vec(8192).iter().all(|&x| x == 0), "both pages zero again");
+        p.free(b).unwrap();
+        // What the device wrote into a writable buffer (not through svq) is zeroed too.
+        let b = p.alloc(100).unwrap();
+        b.slice().write(0, &[0xee; 100]);
+        p.free(b).unwrap();
+        let b = p.alloc(4096).unwrap();
+        assert!(b.to_vec(4096).iter().all(|&x| x == 0), "the device's bytes were zeroed");
         p.free(b).unwrap();
         assert_eq!((p.live(), dma.live()), (0, 1));
         p.release(true).unwrap();

@@ -47,12 +47,22 @@ pub type InjectResult = Result<(u32, Vec<u8>), InjectError>;
 /// The completion slot of one injected element (or of a request to the engine).
 #[derive(Debug, Default)]
 pub struct InjectSlot {
-    result: Mutex<Option<InjectResult>>,
+    state: Mutex<SlotState>,
     done: Condvar,
     /// Signalled after each outcome, while its owner keeps it open: a waiter that watches
     /// it (an event loop) needs no thread per slot. Weak, so a waiter that gave up closes
     /// it even though the element may stay in flight for the rest of the session.
     notify: Option<Weak<EventFd>>,
+}
+
+/// What a slot's lock guards.
+#[derive(Debug, Default)]
+struct SlotState {
+    result: Option<InjectResult>,
+    /// A thread sleeps (or slept) on the condition variable: only then does completing
+    /// wake it, so that the engine completing thousands of elements no one sleeps on
+    /// (a restore, an event loop's batch) makes no futex call for each.
+    sleeper: bool,
 }
 
 impl InjectSlot {
@@ -64,12 +74,17 @@ impl InjectSlot {
     /// Records the outcome and wakes the waiter. The first outcome wins (a completion
     /// racing a stop is reported once).
     pub fn complete(&self, r: InjectResult) {
-        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
-        if g.is_none() {
-            *g = Some(r);
+        let mut g = self.lock();
+        if g.result.is_none() {
+            g.result = Some(r);
         }
-        self.done.notify_all();
+        // A sleeper set the flag under the lock before it slept (the wait releases the
+        // lock atomically), so it is seen here.
+        let sleeper = g.sleeper;
         drop(g);
+        if sleeper {
+            self.done.notify_all();
+        }
         if let Some(n) = self.notify.as_ref().and_then(Weak::upgrade) {
             n.signal();
         }
@@ -77,26 +92,31 @@ impl InjectSlot {
 
     /// Takes the outcome if it is there, without waiting.
     pub fn try_take(&self) -> Option<InjectResult> {
-        self.result.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.lock().result.take()
     }
 
     /// Whether an outcome is there.
     pub fn is_done(&self) -> bool {
-        self.result.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.lock().result.is_some()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits until `deadline` (sleeping, not spinning) and takes the outcome. None when
     /// the deadline passed first.
     pub fn wait_until(&self, deadline: Instant) -> Option<InjectResult> {
-        let mut g = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = self.lock();
         loop {
-            if let Some(r) = g.take() {
+            if let Some(r) = g.result.take() {
                 return Some(r);
             }
             let now = Instant::now();
             if now >= deadline {
                 return None;
             }
+            g.sleeper = true;
             g = self.done.wait_timeout(g, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
