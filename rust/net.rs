@@ -2,8 +2,6 @@
 //! their lengths validated, the device state tracked from acknowledged commands, and the
 //! minimal command sequence that restores a saved state on a freshly started device.
 
-use std::collections::BTreeSet;
-
 /// `VIRTIO_NET_OK`.
 pub const ACK_OK: u8 = 0;
 /// `VIRTIO_NET_ERR`.
@@ -312,7 +310,98 @@ pub struct NetState {
     /// RX mode switches, in [`RxMode::ALL`] order.
     pub rx: [bool; 6],
     /// VLAN ids in the filter.
-    pub vlans: BTreeSet<u16>,
+    pub vlans: VlanSet,
+}
+
+/// The VLAN filter: ids `0..=MAX_VLAN`, one bit each (a restore adds up to 4 096 of them,
+/// one command each, applied by svq's tracker and by the device: a bit costs a store where
+/// an ordered set costs a tree insert). Read and written as an ascending list of ids.
+#[derive(Clone, PartialEq, Eq)]
+pub struct VlanSet([u64; VlanSet::WORDS]);
+
+impl VlanSet {
+    const WORDS: usize = (MAX_VLAN as usize + 1) / 64;
+
+    /// Adds `id`; whether it was not there. Ids above [`MAX_VLAN`] are not VLANs (the
+    /// command decoder refuses them) and are never held.
+    pub fn insert(&mut self, id: u16) -> bool {
+        if id > MAX_VLAN {
+            return false;
+        }
+        let (w, bit) = (usize::from(id / 64), 1u64 << (id % 64));
+        let new = self.0[w] & bit == 0;
+        self.0[w] |= bit;
+        new
+    }
+
+    /// Removes `id`; whether it was there.
+    pub fn remove(&mut self, id: u16) -> bool {
+        let had = self.contains(id);
+        if had {
+            self.0[usize::from(id / 64)] &= !(1u64 << (id % 64));
+        }
+        had
+    }
+
+    /// Whether `id` is in the filter.
+    pub fn contains(&self, id: u16) -> bool {
+        id <= MAX_VLAN && self.0[usize::from(id / 64)] & (1u64 << (id % 64)) != 0
+    }
+
+    /// Ids in the filter.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// Whether the filter holds no id.
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(|&w| w == 0)
+    }
+
+    /// The ids, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u16> + '_ {
+        self.0.iter().enumerate().flat_map(|(w, &bits)| (0..64u16).filter(move |b| bits & (1 << b) != 0).map(move |b| w as u16 * 64 + b))
+    }
+}
+
+impl Default for VlanSet {
+    fn default() -> Self {
+        VlanSet([0; VlanSet::WORDS])
+    }
+}
+
+impl std::fmt::Debug for VlanSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+impl FromIterator<u16> for VlanSet {
+    /// The set of the ids at most [`MAX_VLAN`] (others are not VLANs and are dropped).
+    fn from_iter<I: IntoIterator<Item = u16>>(ids: I) -> Self {
+        let mut s = VlanSet::default();
+        ids.into_iter().for_each(|id| {
+            s.insert(id);
+        });
+        s
+    }
+}
+
+impl serde::Serialize for VlanSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for VlanSet {
+    /// An ascending (or any) list of ids; an id above [`MAX_VLAN`] is an error.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let ids = Vec::<u16>::deserialize(d)?;
+        if let Some(id) = ids.iter().find(|&&id| id > MAX_VLAN) {
+            return Err(serde::de::Error::custom(format!("VLAN id {id} > {MAX_VLAN}")));
+        }
+        Ok(ids.into_iter().collect())
+    }
 }
 
 /// RX modes after reset: promiscuous off, all-multicast on, the rest off.
@@ -329,7 +418,7 @@ impl Default for NetState {
             hash: None,
             offloads: None,
             rx: RX_RESET,
-            vlans: BTreeSet::new(),
+            vlans: VlanSet::default(),
         }
     }
 }
@@ -348,7 +437,7 @@ impl NetState {
                 self.vlans.insert(*id);
             }
             Command::VlanDel(id) => {
-                self.vlans.remove(id);
+                self.vlans.remove(*id);
             }
             Command::AnnounceAck => {}
             Command::MqPairs(n) => self.mq_pairs = *n,
@@ -386,7 +475,7 @@ impl NetState {
                 v.push(Command::Rx(*m, now));
             }
         }
-        v.extend(self.vlans.iter().map(|&id| Command::VlanAdd(id)));
+        v.extend(self.vlans.iter().map(Command::VlanAdd));
         v
     }
 }
@@ -394,6 +483,25 @@ impl NetState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vlan_filter_holds_each_id_once_in_order() {
+        let mut v = VlanSet::default();
+        assert!(v.is_empty());
+        assert!(v.insert(4095) && v.insert(0) && v.insert(64) && v.insert(63));
+        assert!(!v.insert(64), "already there");
+        assert!(!v.insert(MAX_VLAN + 1) && !v.contains(MAX_VLAN + 1), "not a VLAN");
+        assert_eq!(v.iter().collect::<Vec<_>>(), [0, 63, 64, 4095]);
+        assert_eq!(v.len(), 4);
+        assert!(v.remove(63) && !v.remove(63) && !v.contains(63));
+        assert_eq!(format!("{v:?}"), "{0, 64, 4095}");
+        let json = serde_json::to_string(&v).unwrap();
+        assert_eq!(json, "[0,64,4095]");
+        assert_eq!(serde_json::from_str::<VlanSet>("[4095,0,64]").unwrap(), v);
+        assert!(serde_json::from_str::<VlanSet>("[4096]").is_err());
+        let all: VlanSet = (0..=MAX_VLAN).collect();
+        assert_eq!((all.len(), all.iter().last()), (4096, Some(MAX_VLAN)));
+    }
 
     fn rss(mask: u16, key: usize) -> Vec<u8> {
         let mut d = vec![0u8; 4];

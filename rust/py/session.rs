@@ -294,15 +294,17 @@ impl Session {
         let elements: Vec<(Vec<u8>, u32)> = elements.into_iter().map(|(out, n)| (out, n.0)).collect();
         let slots = self.with(py, |s| s.inject_many(q, elements))?;
         let deadline = Instant::now() + t;
+        // The last first, as InjectSlot::wait_all_until (here answering Ctrl-C).
         let mut results = Vec::with_capacity(slots.len());
-        for (i, slot) in slots.iter().enumerate() {
-            match wait_interruptibly(py, deadline, |until| slot.wait_until(until))? {
-                Some(r) => results.push(r),
-                None => return Err(to_py(SessionError::Timeout { queue: q, pending: slots.len() - i, timeout: t })),
-            }
+        for slot in slots.iter().rev() {
+            results.push(wait_interruptibly(py, deadline, |until| slot.wait_until(until))?);
+        }
+        let pending = results.iter().filter(|r| r.is_none()).count();
+        if pending > 0 {
+            return Err(to_py(SessionError::Timeout { queue: q, pending, timeout: t }));
         }
         let mut out = Vec::with_capacity(results.len());
-        for r in results {
+        for r in results.into_iter().rev().flatten() {
             let (len, data) = r.map_err(inject_err)?;
             out.push((len, PyBytes::new(py, &data)));
         }

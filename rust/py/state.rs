@@ -134,7 +134,7 @@ pub(super) fn state_to_dict<'py>(py: Python<'py>, st: &NetState) -> PyResult<Bou
         rx.set_item(name, on)?;
     }
     d.set_item("rx", rx)?;
-    d.set_item("vlans", st.vlans.iter().copied().collect::<Vec<_>>())?;
+    d.set_item("vlans", st.vlans.iter().collect::<Vec<_>>())?;
     Ok(d)
 }
 

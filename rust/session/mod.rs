@@ -438,15 +438,12 @@ impl Session {
     /// Waits for injected elements with one deadline for all of them; what did not
     /// complete by then is a [`SessionError::Timeout`].
     pub fn wait_all(q: u32, slots: &[Arc<InjectSlot>], timeout: Duration) -> Result<Vec<InjectResult>, SessionError> {
-        let deadline = Instant::now() + timeout;
-        let mut out = Vec::with_capacity(slots.len());
-        for (i, slot) in slots.iter().enumerate() {
-            match slot.wait_until(deadline) {
-                Some(r) => out.push(r),
-                None => return Err(SessionError::Timeout { queue: q, pending: slots.len() - i, timeout }),
-            }
+        let outcomes = InjectSlot::wait_all_until(slots, Instant::now() + timeout);
+        let pending = outcomes.iter().filter(|r| r.is_none()).count();
+        if pending > 0 {
+            return Err(SessionError::Timeout { queue: q, pending, timeout });
         }
-        Ok(out)
+        Ok(outcomes.into_iter().flatten().collect())
     }
 
     /// Attaches a hook to shadowed queue `q`. The hook sees every element popped after

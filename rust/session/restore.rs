@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use super::{Session, SessionError};
 use crate::net::{NetState, ACK_OK};
+use crate::shadow::InjectSlot;
 use crate::virtio::net_feature;
 
 impl Session {
@@ -23,10 +24,10 @@ impl Session {
             state.lock().unwrap_or_else(|p| p.into_inner()).mac = Some(m);
         }
         let slots = self.inject_many(cvq, cmds.iter().map(|c| (c.encode(), 1)).collect())?;
-        let deadline = std::time::Instant::now() + timeout;
-        for (index, (cmd, slot)) in cmds.iter().zip(slots).enumerate() {
+        let outcomes = InjectSlot::wait_all_until(&slots, std::time::Instant::now() + timeout);
+        for (index, (cmd, outcome)) in cmds.iter().zip(outcomes).enumerate() {
             let fail = |reason: String| SessionError::Restore { index, name: cmd.name(), reason };
-            match slot.wait_until(deadline) {
+            match outcome {
                 None => return Err(fail(format!("got no acknowledgement within {timeout:?}"))),
                 Some(Err(e)) => return Err(fail(e.to_string())),
                 Some(Ok((len, ack))) if len == 1 && ack.first() == Some(&ACK_OK) => {}

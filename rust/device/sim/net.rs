@@ -75,7 +75,7 @@ fn passes_filter(frame: &[u8], mac: &[u8; 6], st: &NetState, rx_ctrl: bool, vlan
     let tagged = frame.len() >= NET_HDR_LEN + 16 && frame[NET_HDR_LEN + 12..NET_HDR_LEN + 14] == [0x81, 0x00];
     if addressed && vlan_ctrl && tagged {
         let vid = u16::from_be_bytes([frame[NET_HDR_LEN + 14], frame[NET_HDR_LEN + 15]]) & 0x0fff;
-        return st.vlans.contains(&vid);
+        return st.vlans.contains(vid);
     }
     addressed
 }
