@@ -452,7 +452,8 @@ def forward_e2e_rows(p: Plan) -> list[Row]:
 
 def queues_rows(p: Plan) -> list[Row]:
     """Many queues, in process: scaling over threads (a pair per thread, as the engine
-    puts a pair on one worker) and the per-queue cost as one thread serves more pairs."""
+    puts a pair on one worker) and the per-queue cost as one thread serves more pairs;
+    end to end on the embedded device, the scaling from one pair to two (no target)."""
     segs, size = 1, 64
     per_queue = max(3200, p.fwd_elements // 8)
     cpus = len(os.sched_getaffinity(0))
@@ -497,7 +498,57 @@ def queues_rows(p: Plan) -> list[Row]:
                 peer_runs=base,
             )
         )
+    _progress("end-to-end on sim:net: 2 pairs vs 1 pair")
+    e2e_one, e2e_two = [], []
+    for _ in range(p.e2e_reps):  # alternated
+        e2e_one.append(_mq_loopback_rate(1, p.e2e_rounds // 2))
+        e2e_two.append(_mq_loopback_rate(2, p.e2e_rounds // 2))
+    rows.append(
+        _row(
+            "forward end-to-end 2 pairs (vs 1 pair)",
+            statistics.median(e2e_two),
+            statistics.median(e2e_one),
+            "frames/s",
+            higher_better=True,
+            target="report the scaling",
+            svq_runs=e2e_two,
+            peer_runs=e2e_one,
+            cpus=cpus,
+            note="the Python driver (one thread) and the embedded device (one thread for all queues) "
+            "share the CPUs with the engine's workers",
+        )
+    )
     return rows
+
+
+def _mq_loopback_rate(pairs: int, rounds: int, batch: int = 64) -> float:
+    """Frames/s through TX→RX loopback on every pair of a translate session of
+    ``sim:net,pairs=N`` (pairs put in use with MQ_VQ_PAIRS_SET, each pair on its engine
+    worker): per round, ``batch`` frames sent on every pair's TX, then all of them waited
+    for on every pair's RX."""
+    from .session import Session
+
+    ctrl = 2 * pairs
+    frames = [net.frame(net.BROADCAST, bytes(64 - net.NET_HDR_LEN - 14))] * batch
+    with Session(f"sim:net,pairs={pairs}", mode="translate", queue_modes={ctrl: "copy"}) as s:
+        d = s.driver
+        if pairs > 1 and d.request(ctrl, [net.mq_pairs_set(pairs)], 1) != (1, bytes([net.ACK_OK])):
+            raise RuntimeError(f"the device refused {pairs} queue pairs")
+
+        def round_trip() -> None:
+            for q in range(pairs):
+                d.post_receive(2 * q, batch, 2048)
+                d.send(2 * q + 1, frames)
+            for q in range(pairs):
+                if len(d.wait(2 * q, batch)) != batch or len(d.wait(2 * q + 1, batch)) != batch:
+                    raise RuntimeError(f"pair {q} lost a frame")
+
+        for _ in range(3):
+            round_trip()
+        t = time.perf_counter()
+        for _ in range(rounds):
+            round_trip()
+        return pairs * batch * rounds / (time.perf_counter() - t)
 
 
 def _restore_state() -> tuple[NetState, list[bytes]]:

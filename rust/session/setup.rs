@@ -168,6 +168,10 @@ impl Session {
         }
         let regions = self.map_guest_memory(plan, mem)?;
         let guest_queues = self.guest_queues.clone();
+        // With a state to restore, the data queues are enabled only once it is restored.
+        let late: Vec<u32> = if cfg.restore.is_some() { plan.data_queues.clone() } else { Vec::new() };
+        // The eventfds the device watches for those queues' kicks (see below).
+        let mut late_kicks: Vec<EventFd> = Vec::new();
         let mut shadows = Vec::new();
         for gq in &guest_queues {
             let stats = Arc::new(QueueStats::default());
@@ -179,6 +183,9 @@ impl Session {
                     dev.set_vring_addr(gq.index, gq.desc, gq.avail, gq.used)?;
                     dev.set_vring_kick(gq.index, Some(gq.kick.as_fd()))?;
                     dev.set_vring_call(gq.index, Some(gq.call.as_fd()))?;
+                    if late.contains(&gq.index) {
+                        late_kicks.push(EventFd::dup_of(gq.kick.as_fd()).map_err(os("dup kick eventfd"))?);
+                    }
                     continue;
                 }
                 Mode::Translate => Forwarding::Translate,
@@ -188,6 +195,9 @@ impl Session {
             let mut sq = self.shadow_queue(gq, size, mem, &regions, stats, forwarding, plan.asid(gq.index), cfg.copy_strategy)?;
             if let Some(saved) = cfg.resume.as_ref().and_then(|s| s.queues.iter().find(|q| q.index == gq.index)) {
                 sq.resubmit(&saved.inflight);
+            }
+            if late.contains(&gq.index) {
+                late_kicks.push(EventFd::dup_of(sq.fds.device_kick.as_fd()).map_err(os("dup kick eventfd"))?);
             }
             if plan.cvq.as_ref().is_some_and(|c| c.queue == gq.index) && (cfg.track_net_state || cfg.restore.is_some()) {
                 let state = Arc::new(Mutex::new(NetState::default()));
@@ -200,7 +210,6 @@ impl Session {
         }
         let config_call = EventFd::new().map_err(os("eventfd"))?;
         dev.set_config_call(Some(config_call.as_fd()))?;
-        let late: Vec<u32> = if cfg.restore.is_some() { plan.data_queues.clone() } else { Vec::new() };
         for gq in guest_queues.iter().filter(|g| !late.contains(&g.index)) {
             dev.set_vring_enable(gq.index, true)?;
         }
@@ -215,6 +224,11 @@ impl Session {
         for &q in &late {
             dev.set_vring_enable(q, true)?;
         }
+        // A device drops the kicks a queue gets before it is enabled (the kernel's
+        // simulators do), and the engine forwarded what the guest had pending (a resumed
+        // guest's frames) as soon as it started: one kick each now, or that work waits
+        // for the guest's next one.
+        late_kicks.iter().for_each(EventFd::signal);
         Ok(())
     }
 

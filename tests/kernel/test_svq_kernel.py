@@ -196,6 +196,36 @@ def test_shadow_vs_passthrough_frame_rate(kernel_net: str) -> None:
     assert ratio > 0.05
 
 
+def test_control_commands_in_flight_together_rate(kernel_net: str) -> None:
+    """The control-queue restore's path on the kernel: MAC_ADDR_SET commands (the one the
+    simulator applies; it refuses VLAN commands) on a copy-mode control queue, in flight
+    together against one at a time, per command. Written to
+    $SVQ_KERNEL_RESULTS_DIR/control_commands.json for BENCHMARKS.md."""
+    n, alone = 1024, 128
+    macs = [net.parse_mac(f"02:bb:cc:dd:{i >> 8:02x}:{i & 0xFF:02x}") for i in range(n - 1)]
+    cmds = [(net.mac_addr_set(m), 1) for m in [*macs, net.parse_mac(KERNEL_MAC)]]
+    ok = (1, bytes([net.ACK_OK]))
+    with svq.Session(kernel_net, mode=svq.Mode.PASSTHROUGH, queue_modes={net.CTRL: svq.Mode.COPY}) as s:
+        try:
+            t = time.perf_counter()
+            acks = s.inject_many(net.CTRL, cmds, timeout=120)
+            together = (time.perf_counter() - t) * 1e6 / n
+            assert acks == [ok] * n
+            assert s.device.info()["config"]["mac"] == KERNEL_MAC, "the last command is the one applied last"
+            t = time.perf_counter()
+            for out, in_size in cmds[:alone]:
+                assert s.inject(net.CTRL, out, in_size) == ok
+            one_by_one = (time.perf_counter() - t) * 1e6 / alone
+        finally:
+            s.inject(net.CTRL, net.mac_addr_set(net.parse_mac(KERNEL_MAC)), 1)
+    report = {"commands": n, "together_us_per_cmd": round(together, 2), "one_by_one_us_per_cmd": round(one_by_one, 2)}
+    print(json.dumps(report))
+    out_dir = os.environ.get("SVQ_KERNEL_RESULTS_DIR")
+    if out_dir:
+        with open(os.path.join(out_dir, "control_commands.json"), "w") as f:
+            json.dump(report, f)
+
+
 def test_control_queue_in_copy_mode_in_its_own_address_space(kernel_net: str) -> None:
     """The kernel simulator puts the control queue alone in group 1 with 2 address
     spaces: the copy-mode control queue runs in ASID 1, where no guest memory is mapped,
