@@ -11,7 +11,7 @@ because the machines are noisy: absolute times are for orientation only. Rows:
   a source tree), the pure-Python shadow virtqueue a Python user would write, over the
   same ring layout.
 * **forward (end-to-end)**: frames/s through guest ring → shadow ring → ``sim:net`` →
-  back, translate mode vs passthrough on the same device.
+  back, translate mode vs passthrough on one session switched live between the two.
 * **parse**: svq's validated pop vs rust-vmm ``virtio-queue`` over the same ring
   contents; a cargo test binary (``benches/guest_ring_parse.rs``), so only from a source
   tree with cargo.
@@ -22,16 +22,17 @@ because the machines are noisy: absolute times are for orientation only. Rows:
 * **boundary**: one ``send`` of 256 frames vs 256 ``send`` calls of one frame.
 * **queues**: many queues in process (``_native.bench_forward_queues``): the rate of 2
   queue pairs on 2 threads vs 1 pair on 1 (each thread playing guest and device for its
-  own pair), and svq's per-element cost when one thread serves 8 or 64 pairs vs 1.
+  own pair), and svq's per-element cost when one thread serves 8 or 64 pairs vs 1; end
+  to end, 2 pairs of ``sim:net,pairs=2`` vs 1 pair.
 * **capture**: end-to-end forwarding with a packet capture on vs off.
 * **idle**: the CPU an idle session costs (every thread of the process) with the
   engine's adaptive poll on (the default window) vs off.
 * **restore**: a fresh session restoring a 4 099-command control-queue state (4 096
   VLANs, MAC, MAC table, RX mode), all in flight together, vs the same commands sent one
   at a time.
-* **dirty**: forwarding with the dirty log attached vs without: in process (a cargo test
-  binary, ``benches/dirty_log.rs``, chains the device writes) and end to end on
-  ``sim:net``.
+* **dirty**: forwarding with the dirty log attached vs without, on one queue (one session
+  end to end) in turn: in process (a cargo test binary, ``benches/dirty_log.rs``, chains
+  the device writes) and end to end on ``sim:net``.
 * **switch**: live switches passthrough → translate → passthrough of one queue and of
   every data queue at once, and of a 16 GiB guest's session vs a 32 MiB guest's.
 
