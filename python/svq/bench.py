@@ -377,42 +377,6 @@ def _exchange(d: Driver, frames: Sequence[bytes], segs: int = 1) -> None:
         raise RuntimeError("loopback lost or corrupted a frame")
 
 
-def _loopback_rate(
-    mode: str, segs: int, size: int, rounds: int, batch: int = 64, dirty_log: bool = False, capture: Path | None = None
-) -> float:
-    """Frames/s through TX→RX loopback. With ``dirty_log`` the session logs every page
-    written for the guest, and a dirty round is fetched every 50 rounds (not timed: a
-    migration fetches them from another thread); with ``capture`` it writes the frames to
-    that pcapng file."""
-    from .session import Session
-
-    frames = [net.frame(net.BROADCAST, bytes(size - net.NET_HDR_LEN - 14))] * batch
-    with Session("sim:net", mode=mode) as s:
-        d = s.driver
-        if capture is not None:
-            s.start_capture(capture)
-        if dirty_log:
-            s.start_dirty_log()
-
-        def round_trip() -> None:
-            d.post_receive(net.RX, batch, 2048)
-            _exchange(d, frames, segs)
-
-        for _ in range(3):
-            round_trip()
-        spent, done = 0.0, 0
-        while done < rounds:
-            n = min(50, rounds - done)
-            t = time.perf_counter()
-            for _ in range(n):
-                round_trip()
-            spent += time.perf_counter() - t
-            done += n
-            if dirty_log and not s.dirty_pages():
-                raise RuntimeError("the dirty log saw no page written")
-        return batch * rounds / spent
-
-
 #: The data queues of a one-pair ``sim:net`` session.
 NET_DATA_QUEUES = (net.RX, net.TX)
 
@@ -660,12 +624,17 @@ def capture_rows(p: Plan) -> list[Row]:
 
     segs, size = 1, 256
     _progress(f"end-to-end on sim:net, {segs} segment, {size} B: capture on vs off")
-    on, off = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(p.e2e_reps):
-            on.append(_loopback_rate("translate", segs, size, p.e2e_rounds, capture=Path(tmp) / f"bench{i}.pcapng"))
-            off.append(_loopback_rate("translate", segs, size, p.e2e_rounds))
-    svq_rate, peer_rate = max(on), max(off)
+        path = Path(tmp) / "bench.pcapng"
+
+        def capture_off(s: Any) -> None:
+            if not s.stop_capture()["packets"]:
+                raise RuntimeError("the capture recorded no frame")
+
+        on, off = _loopback_in_turn(
+            segs, size, 2 * p.e2e_reps, p.e2e_rounds // 4, lambda s: s.start_capture(path), capture_off
+        )
+    svq_rate, peer_rate = statistics.median(on), statistics.median(off)
     return [
         _row(
             f"capture on, end-to-end {segs}seg {size}B (vs capture off)",
@@ -676,6 +645,7 @@ def capture_rows(p: Plan) -> list[Row]:
             target="report the cost",
             svq_runs=on,
             peer_runs=off,
+            note="median of blocks with the capture on and blocks without, in turn on one session",
         )
     ]
 

@@ -2,10 +2,15 @@
 //! API documents (pyo3 alone would raise `OverflowError`), and blocking waits that still
 //! answer Ctrl-C.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pyo3::exceptions::{PyOverflowError, PyValueError};
 use pyo3::prelude::*;
+
+use super::errors::to_py;
+use crate::session::Session;
+use crate::shadow::{InjectResult, InjectSlot};
 
 macro_rules! int_arg {
     ($(#[$doc:meta] $name:ident($t:ty);)*) => {$(
@@ -72,4 +77,13 @@ pub(super) fn wait_interruptibly<T: Send>(
             return Ok(None);
         }
     }
+}
+
+/// Waits for every slot of elements on queue `q` with one deadline, `timeout` from now,
+/// answering Ctrl-C (see [`InjectSlot::wait_all_with`]): every outcome, or the timeout
+/// counting those without one.
+pub(super) fn wait_all_interruptibly(py: Python<'_>, q: u32, slots: &[Arc<InjectSlot>], timeout: Duration) -> PyResult<Vec<InjectResult>> {
+    let deadline = Instant::now() + timeout;
+    let outcomes = InjectSlot::wait_all_with(slots, |s| wait_interruptibly(py, deadline, |until| s.wait_until(until)))?;
+    Session::all_done(q, outcomes, timeout).map_err(to_py)
 }

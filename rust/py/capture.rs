@@ -2,15 +2,14 @@
 //! dict, and waiting until a session's taps are in place.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::args::{wait_interruptibly, U32, U64};
-use super::errors::{inject_err, to_py};
+use super::args::{wait_all_interruptibly, U32, U64};
+use super::errors::inject_err;
 use crate::capture::{CaptureConfig, CaptureReport};
-use crate::session::SessionError;
 use crate::shadow::InjectSlot;
 
 /// How long attaching a capture waits for the engine.
@@ -23,14 +22,7 @@ pub(super) fn config(snaplen: U32, limit: Option<U64>) -> CaptureConfig {
 
 /// Waits (the interpreter released, Ctrl-C answered) until every tap is in place.
 pub(super) fn wait_attached(py: Python<'_>, slots: &[Arc<InjectSlot>]) -> PyResult<()> {
-    let deadline = Instant::now() + ATTACH_WAIT;
-    for (i, slot) in slots.iter().enumerate() {
-        match wait_interruptibly(py, deadline, |until| slot.wait_until(until))? {
-            Some(r) => r.map(drop).map_err(inject_err)?,
-            None => return Err(to_py(SessionError::Timeout { queue: 0, pending: slots.len() - i, timeout: ATTACH_WAIT })),
-        }
-    }
-    Ok(())
+    wait_all_interruptibly(py, 0, slots, ATTACH_WAIT)?.into_iter().try_for_each(|r| r.map(drop).map_err(inject_err))
 }
 
 /// dict(path, packets, dropped, dropped_limit, dropped_busy, bytes, finished, error,

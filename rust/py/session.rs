@@ -11,7 +11,7 @@ use pyo3::types::{PyBytes, PyDict};
 use pyo3::PyTraverseError;
 
 use super::aio::InjectBatch;
-use super::args::{timeout, wait_interruptibly, U16, U32, U64};
+use super::args::{timeout, wait_all_interruptibly, wait_interruptibly, U16, U32, U64};
 use super::device::Device;
 use super::driver::Driver;
 use super::errors::{inject_err, to_py};
@@ -293,18 +293,9 @@ impl Session {
         let (q, t) = (q.0, timeout(timeout_s)?);
         let elements: Vec<(Vec<u8>, u32)> = elements.into_iter().map(|(out, n)| (out, n.0)).collect();
         let slots = self.with(py, |s| s.inject_many(q, elements))?;
-        let deadline = Instant::now() + t;
-        // The last first, as InjectSlot::wait_all_until (here answering Ctrl-C).
-        let mut results = Vec::with_capacity(slots.len());
-        for slot in slots.iter().rev() {
-            results.push(wait_interruptibly(py, deadline, |until| slot.wait_until(until))?);
-        }
-        let pending = results.iter().filter(|r| r.is_none()).count();
-        if pending > 0 {
-            return Err(to_py(SessionError::Timeout { queue: q, pending, timeout: t }));
-        }
+        let results = wait_all_interruptibly(py, q, &slots, t)?;
         let mut out = Vec::with_capacity(results.len());
-        for r in results.into_iter().rev().flatten() {
+        for r in results {
             let (len, data) = r.map_err(inject_err)?;
             out.push((len, PyBytes::new(py, &data)));
         }

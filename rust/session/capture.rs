@@ -9,7 +9,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{Mode, Session, SessionError};
 use crate::capture::{Capture, CaptureConfig, CaptureError, CaptureReport};
@@ -66,14 +66,7 @@ impl From<CaptureError> for SessionError {
 
 /// Waits until every tap of an attach is in place.
 pub fn wait_attached(slots: &[Arc<InjectSlot>], timeout: Duration) -> Result<(), SessionError> {
-    let deadline = Instant::now() + timeout;
-    for (i, slot) in slots.iter().enumerate() {
-        match slot.wait_until(deadline) {
-            Some(r) => r.map(drop)?,
-            None => return Err(SessionError::Timeout { queue: 0, pending: slots.len() - i, timeout }),
-        }
-    }
-    Ok(())
+    Session::wait_all(0, slots, timeout)?.into_iter().try_for_each(|r| Ok(r.map(drop)?))
 }
 
 impl Session {

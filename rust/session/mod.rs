@@ -438,7 +438,13 @@ impl Session {
     /// Waits for injected elements with one deadline for all of them; what did not
     /// complete by then is a [`SessionError::Timeout`].
     pub fn wait_all(q: u32, slots: &[Arc<InjectSlot>], timeout: Duration) -> Result<Vec<InjectResult>, SessionError> {
-        let outcomes = InjectSlot::wait_all_until(slots, Instant::now() + timeout);
+        Self::all_done(q, InjectSlot::wait_all_until(slots, Instant::now() + timeout), timeout)
+    }
+
+    /// The outcomes of elements waited for on queue `q` with one deadline (`timeout`
+    /// from the start): all of them, or a [`SessionError::Timeout`] counting those
+    /// without one.
+    pub fn all_done(q: u32, outcomes: Vec<Option<InjectResult>>, timeout: Duration) -> Result<Vec<InjectResult>, SessionError> {
         let pending = outcomes.iter().filter(|r| r.is_none()).count();
         if pending > 0 {
             return Err(SessionError::Timeout { queue: q, pending, timeout });

@@ -122,13 +122,24 @@ impl InjectSlot {
     }
 
     /// Waits for every slot of `slots` until `deadline` and takes the outcomes, in slot
-    /// order (None: none by the deadline). The last is waited for first: elements mostly
-    /// complete in order, so the waiter sleeps about once for all of them instead of once
-    /// for each (a futex wake-up and two context switches per element).
+    /// order (None: none by the deadline). See [`InjectSlot::wait_all_with`].
     pub fn wait_all_until(slots: &[Arc<InjectSlot>], deadline: Instant) -> Vec<Option<InjectResult>> {
-        let mut out: Vec<Option<InjectResult>> = slots.iter().rev().map(|s| s.wait_until(deadline)).collect();
+        let Ok(outcomes) = Self::wait_all_with(slots, |s| Ok::<_, std::convert::Infallible>(s.wait_until(deadline)));
+        outcomes
+    }
+
+    /// Takes the outcome of every slot of `slots` with `wait` (which sleeps until the
+    /// caller's deadline, and may fail: Ctrl-C), in slot order (None: none by the
+    /// deadline). The last is waited for first: elements mostly complete in order, so the
+    /// waiter sleeps about once for all of them instead of once for each (a futex
+    /// wake-up and two context switches per element).
+    pub fn wait_all_with<E>(
+        slots: &[Arc<InjectSlot>],
+        wait: impl FnMut(&InjectSlot) -> Result<Option<InjectResult>, E>,
+    ) -> Result<Vec<Option<InjectResult>>, E> {
+        let mut out = slots.iter().rev().map(|s| &**s).map(wait).collect::<Result<Vec<_>, E>>()?;
         out.reverse();
-        out
+        Ok(out)
     }
 }
 
