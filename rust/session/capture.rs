@@ -161,19 +161,13 @@ impl Session {
         Ok(slots)
     }
 
-    /// Attaches a tap again to queue `q`, which a live switch just put back on a shadow
-    /// ring, when the running capture covers it (it left the capture while svq was off
-    /// its path). Not waited for: the request reaches the queue's thread before anything
-    /// the guest does after the switch.
-    pub(super) fn retap(&mut self, q: u32) {
-        let (Some(a), Some(engine)) = (self.capture.as_ref(), self.engine.as_ref()) else { return };
-        if !a.queues.contains(&q) {
-            return;
-        }
-        let strip = net_header_len(self.guest_features);
-        if let Some(tap) = a.capture.tap(&interface_name(q), strip) {
-            engine.submit(vec![Request::Capture { queue: q, tap: Some(Box::new(tap)), done: Arc::new(InjectSlot::default()) }]);
-        }
+    /// A new tap for queue `q`, which a live switch is putting back on a shadow ring, when
+    /// the running capture covers it (it left the capture while svq was off its path).
+    /// The tap goes in with the queue: a request sent after it would race the guest's
+    /// first elements, which the engine may forward before it reads its requests.
+    pub(super) fn tap_again(&self, q: u32) -> Option<Box<crate::capture::Tap>> {
+        let a = self.capture.as_ref().filter(|a| a.queues.contains(&q))?;
+        a.capture.tap(&interface_name(q), net_header_len(self.guest_features)).map(Box::new)
     }
 
     /// The capture attached to the session, if any.

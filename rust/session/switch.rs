@@ -66,11 +66,7 @@ impl Session {
         let outcome = todo.iter().try_for_each(|&q| {
             let base = match mode {
                 Mode::Passthrough => self.unshadow_live(q)?,
-                shadow => {
-                    let base = self.shadow_live(q, shadow)?;
-                    self.retap(q);
-                    base
-                }
+                shadow => self.shadow_live(q, shadow)?,
             };
             report.queues.push((q, base));
             Ok::<_, SessionError>(())
@@ -106,6 +102,7 @@ impl Session {
         let regions = self.regions.clone();
         let adopted = self.shadow_queue(&gq, size, &mem, &regions, stats, forwarding, 0, self.copy_strategy).and_then(|mut sq| {
             sq.set_dirty_log(self.log.clone());
+            sq.set_capture(self.tap_again(q));
             dev.set_vring_enable(q, true)?;
             let engine = self.engine.as_mut().ok_or(SessionError::Closed)?;
             engine.adopt(sq).map_err(super::os("engine takes a queue"))
