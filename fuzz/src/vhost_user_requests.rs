@@ -11,7 +11,7 @@
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use svq::device::sim::SimDevice;
@@ -27,6 +27,9 @@ const CODES: [u32; 20] = [1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17
 struct Backend {
     device: Arc<SimDevice>,
     server: Server,
+    /// Held for a whole input: the test harness runs the seed and smoke tests on parallel
+    /// threads, and the device must be checked before the next connection starts.
+    turn: Mutex<()>,
     _dir: std::path::PathBuf,
 }
 
@@ -38,7 +41,7 @@ fn backend() -> &'static Backend {
         let device = Arc::new(SimDevice::net([0x52, 0x54, 0, 0x12, 0x34, 0x56], 1500).expect("embedded device"));
         let dynamic: Arc<dyn Device> = device.clone();
         let server = Server::bind(dynamic, &dir.join("vu.sock"), SessionConfig::default()).expect("server");
-        Backend { device, server, _dir: dir }
+        Backend { device, server, turn: Mutex::new(()), _dir: dir }
     })
 }
 
@@ -107,6 +110,7 @@ pub fn run(data: &[u8]) {
         }
         let _ = vmm.shutdown(std::net::Shutdown::Write);
     });
+    let _turn = b.turn.lock().unwrap_or_else(|p| p.into_inner());
     b.server.serve_connection(ours);
     writer.join().expect("writer");
     drain.join().expect("reader");

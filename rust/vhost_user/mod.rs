@@ -105,6 +105,8 @@ struct Shared {
     connections: AtomicU64,
     /// A handle on the connection being served, to cut it when the server stops.
     active: Mutex<Option<UnixStream>>,
+    /// Held while a connection is served: one VMM at a time.
+    serving: Mutex<()>,
 }
 
 /// A vhost-user backend listening on a unix socket, serving one VMM connection at a
@@ -159,6 +161,7 @@ impl Server {
             connected: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             active: Mutex::new(None),
+            serving: Mutex::new(()),
         });
         Ok(Server { path: path.to_owned(), listener: Mutex::new(Some(listener)), shared })
     }
@@ -213,9 +216,13 @@ impl Server {
 
     /// Serves one VMM on an accepted stream until it disconnects, breaks the protocol, or
     /// the server stops; then the device is stopped and reset. [`Server::serve`] calls it
-    /// for each connection; tests and fuzzing hand it one end of a socket pair.
+    /// for each connection; tests and fuzzing hand it one end of a socket pair. One
+    /// connection is served at a time: a call made while another connection is served
+    /// waits until that one ends (as a VMM that connects to a busy socket waits to be
+    /// accepted).
     pub fn serve_connection(&self, stream: UnixStream) {
         let sh = &self.shared;
+        let _turn = lock(&sh.serving);
         if stream.set_nonblocking(false).is_err() {
             return;
         }
@@ -327,5 +334,47 @@ impl<S: vhost::vhost_user::VhostUserBackendReqHandler> AsFdRef for BackendReqHan
         // SAFETY: the handler owns its socket for as long as it lives, and the borrow
         // cannot outlive the handler.
         unsafe { std::os::fd::BorrowedFd::borrow_raw(self.as_raw_fd()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::device::sim::SimDevice;
+
+    /// GET_FEATURES (request 1, protocol version 1) as a VMM writes it.
+    const GET_FEATURES: [u8; 12] = [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+
+    /// Whether the backend answers GET_FEATURES on `vmm` within `wait`.
+    fn answers(vmm: &mut UnixStream, wait: Duration) -> bool {
+        vmm.set_read_timeout(Some(wait)).unwrap();
+        let mut reply = [0u8; 20];
+        vmm.read_exact(&mut reply).is_ok()
+    }
+
+    #[test]
+    fn a_second_connection_waits_until_the_first_ends() {
+        let dir = std::env::temp_dir().join(format!("svq-vu-turns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let device: Arc<dyn Device> = Arc::new(SimDevice::net([0x52, 0x54, 0, 0, 0, 1], 1500).unwrap());
+        let server = Server::bind(device, &dir.join("vu.sock"), SessionConfig::default()).unwrap();
+        let (mut first, first_ours) = UnixStream::pair().unwrap();
+        let (mut second, second_ours) = UnixStream::pair().unwrap();
+        std::thread::scope(|s| {
+            s.spawn(|| server.serve_connection(first_ours));
+            first.write_all(&GET_FEATURES).unwrap();
+            assert!(answers(&mut first, Duration::from_secs(10)), "the first VMM is served");
+            s.spawn(|| server.serve_connection(second_ours));
+            second.write_all(&GET_FEATURES).unwrap();
+            assert!(!answers(&mut second, Duration::from_millis(300)), "the second VMM was served beside the first");
+            drop(first);
+            assert!(answers(&mut second, Duration::from_secs(10)), "the second VMM is served once the first hung up");
+            drop(second);
+        });
+        drop(server);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
