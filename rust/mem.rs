@@ -355,6 +355,13 @@ impl GuestMemory {
         Ok(())
     }
 
+    /// Whether `[addr, addr+len)`, in no single region, is guest memory across several
+    /// (a buffer may straddle regions as long as every byte is guest memory).
+    #[cold]
+    fn straddles(&self, addr: u64, len: u64) -> bool {
+        self.for_each_piece(addr, len, |_| ()).is_ok()
+    }
+
     /// Copies guest memory at `addr` into `buf`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemError> {
         let mut done = 0usize;
@@ -414,9 +421,9 @@ impl Drop for GuestMemory {
 impl BufferSpace for GuestMemory {
     const NAME: &'static str = "guest memory";
 
+    #[inline]
     fn check(&self, addr: u64, len: u64, _write: bool) -> bool {
-        // A buffer may straddle two regions as long as every byte is guest memory.
-        self.region_of(addr, len).is_some() || self.for_each_piece(addr, len, |_| ()).is_ok()
+        self.region_of(addr, len).is_some() || self.straddles(addr, len)
     }
 
     fn read_desc(&self, table: u64, i: u32) -> Option<Descriptor> {
