@@ -104,6 +104,28 @@ def test_bad_device_specs() -> None:
         svq.Device("no-such-vdpa-device")
 
 
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("sim:net,pairs=0", "pairs=0 .* must be 1..=8"),
+        ("sim:net,pairs=9", "pairs=9 .* must be 1..=8"),
+        ("sim:net,mtu=20", "mtu=20 .* must be 68..=65535"),
+        ("sim:net,mtu=70000", "must be 68..=65535"),
+        ("sim:net,mac=01:00:5e:00:00:01", "multicast"),
+        ("sim:net,echo=10.0.0.2,echo_mac=ff:ff:ff:ff:ff:ff", "multicast"),
+        ("sim:net,pairs=2,pairs=3", "given twice"),
+        ("sim:net,sectors=8", "unknown or invalid option .*options: mac, mtu"),
+        ("sim:blk,sectors=0", "sectors=0 .* must be 1..="),
+        ("sim:blk,latency_us=99999999999", "must be 0..=10000000"),
+        ("sim:blk,disk=", "unknown or invalid option"),
+        ("sim:net,", "options are key=value"),
+    ],
+)
+def test_embedded_device_options_out_of_range_are_named(spec: str, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        svq.Device(spec)
+
+
 def test_wait_arguments() -> None:
     with svq.Session("sim:net") as s:
         with pytest.raises(ValueError):

@@ -16,9 +16,13 @@ class Device:
     ``/dev/vhost-vdpa-N`` path, or a vdpa device name (resolved through
     ``/sys/bus/vdpa/devices/<name>``). A context manager; :meth:`close` is idempotent.
 
-    The embedded devices take options after a comma: ``sim:net,mac=M,mtu=N`` and, to
-    play a peer host that answers ARP and ping at an address instead of looping frames
-    back, ``sim:net,echo=10.0.0.2[,echo_mac=M]``; ``sim:blk,sectors=N``."""
+    The embedded devices take options after a comma, each at most once:
+    ``sim:net,mac=M,mtu=N,pairs=P`` (a unicast MAC, MTU 68..65535, 1..8 queue pairs)
+    and, to play a peer host that answers ARP and ping at an address instead of looping
+    frames back, ``sim:net,echo=10.0.0.2[,echo_mac=M]``;
+    ``sim:blk,sectors=N,disk=NAME,latency_us=U`` (1..2**24 sectors; devices naming the
+    same disk share its data; requests complete out of order, each ``U`` µs after it was
+    taken, up to 10 s). Anything else is a :class:`ValueError` naming the option."""
 
     def __init__(self, spec: str) -> None:
         self._native = _native.Device(spec)

@@ -66,6 +66,15 @@ fn parse_mac(s: &str) -> PyResult<[u8; 6]> {
     Ok(mac)
 }
 
+/// The MAC written `text` when it is a unicast address (a station address cannot be a group address).
+fn unicast(text: &str, spec: &str) -> PyResult<[u8; 6]> {
+    let mac = parse_mac(text)?;
+    if mac[0] & 1 != 0 {
+        return Err(PyValueError::new_err(format!("{text} in {spec:?} is a multicast address: a device's MAC must be unicast")));
+    }
+    Ok(mac)
+}
+
 #[pymethods]
 impl Device {
     /// Opens `spec`: "sim:net", "sim:blk", a path such as /dev/vhost-vdpa-0, or a vdpa
@@ -90,23 +99,48 @@ impl Device {
             let mut disk_name: Option<String> = None;
             let mut latency = std::time::Duration::ZERO;
             let mut pairs = 1u16;
+            if !matches!(kind, "net" | "blk") {
+                return Err(PyValueError::new_err(format!("unknown embedded device {spec:?}: use sim:net or sim:blk")));
+            }
+            let mut seen: Vec<&str> = Vec::new();
             for opt in parts {
-                let (k, v) = opt.split_once('=').ok_or_else(|| PyValueError::new_err(format!("bad option {opt:?} in {spec:?}")))?;
+                let (k, v) = opt
+                    .split_once('=')
+                    .ok_or_else(|| PyValueError::new_err(format!("bad option {opt:?} in {spec:?}: options are key=value")))?;
+                if seen.contains(&k) {
+                    return Err(PyValueError::new_err(format!("option {k:?} given twice in {spec:?}")));
+                }
+                seen.push(k);
                 let num = |v: &str| v.parse::<u64>().map_err(|_| PyValueError::new_err(format!("bad number {v:?} in {spec:?}")));
+                // A number within `range`, or an error naming the option and its range.
+                let within = |range: std::ops::RangeInclusive<u64>, what: &str| -> PyResult<u64> {
+                    let n = num(v)?;
+                    if range.contains(&n) {
+                        Ok(n)
+                    } else {
+                        Err(PyValueError::new_err(format!("{k}={n} in {spec:?}: {what} must be {}..={}", range.start(), range.end())))
+                    }
+                };
                 match (kind, k) {
-                    ("net", "mac") => mac = parse_mac(v)?,
+                    ("net", "mac") => mac = unicast(v, &spec)?,
                     ("net", "echo") => {
                         let ip: std::net::Ipv4Addr =
                             v.parse().map_err(|_| PyValueError::new_err(format!("bad IPv4 address {v:?} in {spec:?}")))?;
                         echo_ip = Some(ip.octets());
                     }
-                    ("net", "echo_mac") => echo_mac = parse_mac(v)?,
-                    ("net", "pairs") if (1..=8).contains(&num(v)?) => pairs = num(v)? as u16,
-                    ("net", "mtu") => mtu = u16::try_from(num(v)?).map_err(|_| PyValueError::new_err("mtu must fit 16 bits"))?,
-                    ("blk", "sectors") if num(v)? > 0 && num(v)? <= (1 << 24) => sectors = num(v)?,
+                    ("net", "echo_mac") => echo_mac = unicast(v, &spec)?,
+                    ("net", "pairs") => pairs = within(1..=8, "the number of queue pairs")? as u16,
+                    // The virtio-net MTU range (5.1.4.1).
+                    ("net", "mtu") => mtu = within(68..=65_535, "the MTU")? as u16,
+                    ("blk", "sectors") => sectors = within(1..=1 << 24, "the disk size in 512-byte sectors")?,
                     ("blk", "disk") if !v.is_empty() => disk_name = Some(v.to_owned()),
-                    ("blk", "latency_us") if num(v)? <= 10_000_000 => latency = std::time::Duration::from_micros(num(v)?),
-                    _ => return Err(PyValueError::new_err(format!("unknown or invalid option {opt:?} for sim:{kind}"))),
+                    ("blk", "latency_us") => {
+                        latency = std::time::Duration::from_micros(within(0..=10_000_000, "the latency in microseconds")?)
+                    }
+                    _ => {
+                        let known = if kind == "blk" { "sectors, disk, latency_us" } else { "mac, mtu, pairs, echo, echo_mac" };
+                        return Err(PyValueError::new_err(format!("unknown or invalid option {opt:?} for sim:{kind} (options: {known})")));
+                    }
                 }
             }
             let dev = match kind {
