@@ -3,10 +3,10 @@
 //! the guest receives), each as one frame through the queue's [`Tap`]. svq's own injected
 //! elements are not captured.
 //!
-//! With no tap attached nothing here runs: [`ShadowQueue::fast`] keeps the translate fast
-//! path, and reaping runs the loop without capture. With one, guest elements take the
-//! popped-chain path (their segments are at hand at completion), and the tap hands its
-//! batch over once per pass.
+//! With no tap attached nothing here runs: [`ShadowQueue::fast`] keeps the fast paths
+//! (translate and copy), and reaping runs the loop without capture. With one, guest
+//! elements take the popped-chain path (their segments are at hand at completion), and
+//! the tap hands its batch over once per pass.
 
 use super::inflight::InFlight;
 use super::ShadowQueue;

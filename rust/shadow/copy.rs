@@ -46,30 +46,17 @@ impl ShadowQueue {
         if needed > self.shadow.num_free() as usize {
             return Ok(Sent::Full(el));
         }
-        let (out_buf, in_buf) = match self.take_buffers(&el) {
-            Ok(b) => b,
-            Err(TakeError::Guest(e)) => return Err(e),
-            Err(TakeError::Buffer(reason)) => {
+        let out = match &el.out_bytes {
+            Some(bytes) => Readable::Bytes(bytes),
+            None => Readable::Guest(&el.chain.out),
+        };
+        let (head, out_buf, in_buf) = match self.place_copied(out, el.out_len, el.in_len)? {
+            Ok(placed) => placed,
+            Err(reason) => {
                 // The element completes unsent: the guest gets length 0, an injector its error.
-                bump(&self.stats.map_failures, 1);
                 let queue = self.index;
                 self.finish(el.origin, 0, Err(super::InjectError::NoBuffer { queue, reason }));
                 return Ok(Sent::Completed);
-            }
-        };
-        self.bufs.clear();
-        if let Some(b) = &out_buf {
-            self.bufs.push(Buf { addr: b.iova, len: el.out_len as u32, write: false });
-        }
-        if let Some(b) = &in_buf {
-            self.bufs.push(Buf { addr: b.iova, len: el.in_len as u32, write: true });
-        }
-        // Room was checked above, so the add cannot fail; if it did, nothing leaks.
-        let head = match self.shadow.add(&self.bufs) {
-            Ok(h) => h,
-            Err(_) => {
-                let _ = self.release(out_buf, in_buf);
-                return Err(Fault::Internal("shadow ring accounting: counted room was missing".into()));
             }
         };
         let out_len = el.out_len;
@@ -89,18 +76,97 @@ impl ShadowQueue {
         Ok(Sent::Yes)
     }
 
+    /// Forwards the guest's chains in copy mode while nothing else waits and no hook or
+    /// capture looks at them: each chain is popped into the queue's reusable chain and
+    /// linearized from there, with no element built around it. `None` once fewer than two
+    /// descriptors are free (an element needs at most two): the general path goes on,
+    /// and holds a chain that does not fit; otherwise whether the ring was emptied.
+    pub(super) fn forward_copied(&mut self) -> Result<Option<bool>, Fault> {
+        let (mut elements, mut bytes_out) = (0u64, 0u64);
+        let res = loop {
+            if self.shadow.num_free() < 2 {
+                break Ok(None);
+            }
+            let mut chain = std::mem::take(&mut self.chain);
+            let popped = self.guest.pop(&*self.mem, &mut chain);
+            let (guest_head, out_len, in_len) = (chain.head, chain.out_len, chain.in_len);
+            let placed = match popped {
+                Ok(true) if out_len > MAX_COPY_BYTES || in_len > MAX_COPY_BYTES => {
+                    Err(Fault::TooManyBytes { what: Origin::Guest(guest_head).describe(), out: out_len, inn: in_len, max: MAX_COPY_BYTES })
+                }
+                Ok(true) => self.place_copied(Readable::Guest(&chain.out), out_len, in_len),
+                Ok(false) => {
+                    self.chain = chain;
+                    break Ok(Some(false));
+                }
+                Err(e) => Err(Fault::Chain(e)),
+            };
+            let (head, out_buf, in_buf) = match placed {
+                Ok(Ok(placed)) => placed,
+                Ok(Err(reason)) => {
+                    self.chain = chain;
+                    let queue = self.index;
+                    self.finish(Origin::Guest(guest_head), 0, Err(super::InjectError::NoBuffer { queue, reason }));
+                    continue;
+                }
+                Err(f) => {
+                    self.chain = chain;
+                    break Err(f);
+                }
+            };
+            let guest_in = self.take_inn(&mut chain);
+            self.chain = chain;
+            self.in_flight.track(head, InFlight { origin: Origin::Guest(guest_head), out_buf, in_buf, guest_in, out_bytes: None });
+            elements += 1;
+            bytes_out += out_len;
+        };
+        bump(&self.stats.elements, elements);
+        bump(&self.stats.bytes_out, bytes_out);
+        res
+    }
+
+    /// Takes an element's bounce buffers and puts its descriptors on the shadow ring (the
+    /// caller counted the room): the shadow head and the buffers; `Ok(Err(reason))` when
+    /// no bounce buffer could be had (counted as a map failure; the element completes
+    /// unsent).
+    fn place_copied(&mut self, out: Readable<'_>, out_len: u64, in_len: u64) -> Result<Result<Placed, String>, Fault> {
+        let (out_buf, in_buf) = match self.take_buffers(out, out_len, in_len) {
+            Ok(b) => b,
+            Err(TakeError::Guest(e)) => return Err(e),
+            Err(TakeError::Buffer(reason)) => {
+                bump(&self.stats.map_failures, 1);
+                return Ok(Err(reason));
+            }
+        };
+        self.bufs.clear();
+        if let Some(b) = &out_buf {
+            self.bufs.push(Buf { addr: b.iova, len: out_len as u32, write: false });
+        }
+        if let Some(b) = &in_buf {
+            self.bufs.push(Buf { addr: b.iova, len: in_len as u32, write: true });
+        }
+        // Room was counted, so the add cannot fail; if it did, nothing leaks.
+        match self.shadow.add(&self.bufs) {
+            Ok(head) => Ok(Ok((head, out_buf, in_buf))),
+            Err(_) => {
+                let _ = self.release(out_buf, in_buf);
+                Err(Fault::Internal("shadow ring accounting: counted room was missing".into()))
+            }
+        }
+    }
+
     /// The element's bounce buffers, filled: readable bytes copied now (so a later change
     /// of the guest's buffer changes nothing), writable side zeroed. A failure gives back
     /// whatever was already taken.
-    fn take_buffers(&mut self, el: &Element) -> Result<(Option<BounceBuf>, Option<BounceBuf>), TakeError> {
+    fn take_buffers(&mut self, out: Readable<'_>, out_len: u64, in_len: u64) -> Result<(Option<BounceBuf>, Option<BounceBuf>), TakeError> {
         let mut out_buf = None;
-        if el.out_len > 0 {
+        if out_len > 0 {
             let pool = pool_of(&mut self.bounce, self.bounce_space.as_ref(), self.forwarding, self.index).map_err(TakeError::Buffer)?;
-            let b = match &el.out_bytes {
-                Some(bytes) => pool.alloc_with(bytes).map_err(|e| TakeError::Buffer(e.to_string()))?,
-                None => {
+            let b = match out {
+                Readable::Bytes(bytes) => pool.alloc_with(bytes).map_err(|e| TakeError::Buffer(e.to_string()))?,
+                Readable::Guest(segs) => {
                     let mem = &*self.mem;
-                    pool.alloc_filled(el.out_len as usize, |b| fill_from_guest(mem, b, &el.chain.out)).map_err(|e| match e {
+                    pool.alloc_filled(out_len as usize, |b| fill_from_guest(mem, b, segs)).map_err(|e| match e {
                         Ok(pool) => TakeError::Buffer(pool.to_string()),
                         Err(MemError::OutOfBounds { addr, len }) => TakeError::Guest(Fault::GuestMemory { addr, len }),
                         Err(other) => TakeError::Buffer(other.to_string()),
@@ -110,9 +176,9 @@ impl ShadowQueue {
             out_buf = Some(b);
         }
         let mut in_buf = None;
-        if el.in_len > 0 {
+        if in_len > 0 {
             let taken = pool_of(&mut self.bounce, self.bounce_space.as_ref(), self.forwarding, self.index)
-                .and_then(|pool| pool.alloc(el.in_len as usize).map_err(|e| e.to_string()));
+                .and_then(|pool| pool.alloc(in_len as usize).map_err(|e| e.to_string()));
             match taken {
                 Ok(b) => in_buf = Some(b),
                 Err(reason) => {
@@ -158,6 +224,18 @@ impl ShadowQueue {
         }
         Ok(())
     }
+}
+
+/// An element's shadow head and bounce buffers (readable, writable), once placed.
+type Placed = (u16, Option<BounceBuf>, Option<BounceBuf>);
+
+/// Where an element's readable bytes come from.
+#[derive(Clone, Copy)]
+enum Readable<'a> {
+    /// The guest's readable segments.
+    Guest(&'a [Segment]),
+    /// A private copy (an injected element, or one a hook rewrote).
+    Bytes(&'a [u8]),
 }
 
 enum TakeError {

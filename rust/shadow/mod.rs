@@ -243,8 +243,15 @@ impl ShadowQueue {
     fn forward_all(&mut self) -> Result<bool, Fault> {
         loop {
             if self.held.is_none() && self.injected.is_empty() && self.resubmit.is_empty() && self.fast() {
-                // Only guest elements left, and nothing to do with them but translate.
-                return self.forward_translated();
+                // Only guest elements left, and nothing to do with them but translate or copy.
+                match self.forwarding {
+                    Forwarding::Translate => return self.forward_translated(),
+                    Forwarding::Copy(_) => {
+                        if let Some(waits) = self.forward_copied()? {
+                            return Ok(waits);
+                        }
+                    }
+                }
             }
             let Some(el) = self.next_element()? else {
                 self.flush_capture();
@@ -262,11 +269,11 @@ impl ShadowQueue {
         }
     }
 
-    /// Whether guest elements take the translate fast path: translate forwarding, no
-    /// hook to show them to and no capture.
+    /// Whether guest elements take a fast path (translate's or copy's): no hook to show
+    /// them to and no capture.
     #[inline]
     fn fast(&self) -> bool {
-        self.forwarding == Forwarding::Translate && self.hooks.is_empty() && self.capture.is_none()
+        self.hooks.is_empty() && self.capture.is_none()
     }
 
     /// The next element to send: one that waited for room, then injected ones, then the
