@@ -212,7 +212,7 @@ impl BouncePool {
     pub fn new(dma: Arc<Dma>, asid: u32, strategy: Strategy, chunks: usize) -> Result<Self, BounceError> {
         let mut p = BouncePool { dma, asid, strategy, chunks: Vec::new(), live: 0 };
         if strategy == Strategy::Pool && chunks > 0 {
-            p.grow(&vec![CHUNK_PAGES; chunks])?;
+            p.grow(&vec![CHUNK_PAGES; chunks], false)?;
         }
         Ok(p)
     }
@@ -232,9 +232,22 @@ impl BouncePool {
         self.chunks.len()
     }
 
-    fn grow(&mut self, sizes: &[usize]) -> Result<(), BounceError> {
+    /// Maps new chunks of `sizes` pages. With `populate` (a pool growing under load, which
+    /// is about to use them) their pages are faulted in by one call rather than one fault
+    /// per first write; the chunks a pool starts with fill in as they are used.
+    fn grow(&mut self, sizes: &[usize], populate: bool) -> Result<(), BounceError> {
         let mems: Vec<GuestMemory> =
             sizes.iter().map(|&pages| GuestMemory::new(&[(0, (pages as u64) * PAGE_SIZE)])).collect::<Result<_, _>>()?;
+        if populate {
+            for m in &mems {
+                let r = &m.regions()[0];
+                // SAFETY: the range is exactly the chunk's own fresh mapping; populating
+                // only faults its pages in (no content changes). A kernel without
+                // MADV_POPULATE_WRITE (before 5.14) refuses it, and the pages then fault
+                // in as they are first written.
+                unsafe { libc::madvise(r.host_addr() as *mut libc::c_void, r.size as usize, libc::MADV_POPULATE_WRITE) };
+            }
+        }
         let reqs: Vec<MapRequest> = mems
             .iter()
             .map(|m| {
@@ -298,7 +311,7 @@ impl BouncePool {
                 let (chunk, first) = match self.find(pages) {
                     Some(at) => at,
                     None => {
-                        self.grow(&[pages.max(CHUNK_PAGES)])?;
+                        self.grow(&[pages.max(CHUNK_PAGES)], true)?;
                         (self.chunks.len() - 1, 0)
                     }
                 };
