@@ -5,7 +5,7 @@
 //! length is copied back.
 
 use super::inflight::{Element, InFlight, Origin};
-use super::{bump, Sent, ShadowQueue, MAX_COPY_BYTES};
+use super::{bump, Sent, ShadowQueue};
 use crate::bounce::{BounceBuf, BounceError, BouncePool, Strategy};
 use crate::fault::Fault;
 use crate::mem::{GuestMemory, MemError};
@@ -36,8 +36,8 @@ impl ShadowQueue {
     /// Sends an element in bounce buffers (copy mode, or an injected element): slots are
     /// counted before anything is taken, so a full ring takes nothing.
     pub(super) fn send_copied(&mut self, el: Element) -> Result<Sent, Fault> {
-        if el.out_len > MAX_COPY_BYTES || el.in_len > MAX_COPY_BYTES {
-            return Err(self.too_many_bytes(&el));
+        if let Some(f) = Self::beyond_copy(&el.origin, el.out_len, el.in_len) {
+            return Err(f);
         }
         let needed = (el.out_len > 0) as usize + (el.in_len > 0) as usize;
         if needed > self.shadow.size() as usize {
@@ -53,9 +53,7 @@ impl ShadowQueue {
         let (head, out_buf, in_buf) = match self.place_copied(out, el.out_len, el.in_len)? {
             Ok(placed) => placed,
             Err(reason) => {
-                // The element completes unsent: the guest gets length 0, an injector its error.
-                let queue = self.index;
-                self.finish(el.origin, 0, Err(super::InjectError::NoBuffer { queue, reason }));
+                self.complete_unsent(el.origin, reason);
                 return Ok(Sent::Completed);
             }
         };
@@ -91,10 +89,10 @@ impl ShadowQueue {
             let popped = self.guest.pop(&*self.mem, &mut chain);
             let (guest_head, out_len, in_len) = (chain.head, chain.out_len, chain.in_len);
             let placed = match popped {
-                Ok(true) if out_len > MAX_COPY_BYTES || in_len > MAX_COPY_BYTES => {
-                    Err(Fault::TooManyBytes { what: Origin::Guest(guest_head).describe(), out: out_len, inn: in_len, max: MAX_COPY_BYTES })
-                }
-                Ok(true) => self.place_copied(Readable::Guest(&chain.out), out_len, in_len),
+                Ok(true) => match Self::beyond_copy(&Origin::Guest(guest_head), out_len, in_len) {
+                    Some(f) => Err(f),
+                    None => self.place_copied(Readable::Guest(&chain.out), out_len, in_len),
+                },
                 Ok(false) => {
                     self.chain = chain;
                     break Ok(Some(false));
@@ -105,8 +103,7 @@ impl ShadowQueue {
                 Ok(Ok(placed)) => placed,
                 Ok(Err(reason)) => {
                     self.chain = chain;
-                    let queue = self.index;
-                    self.finish(Origin::Guest(guest_head), 0, Err(super::InjectError::NoBuffer { queue, reason }));
+                    self.complete_unsent(Origin::Guest(guest_head), reason);
                     continue;
                 }
                 Err(f) => {
@@ -153,6 +150,13 @@ impl ShadowQueue {
                 Err(Fault::Internal("shadow ring accounting: counted room was missing".into()))
             }
         }
+    }
+
+    /// Completes an element no bounce buffer could be had for, unsent: the guest gets
+    /// length 0, an injector the reason.
+    fn complete_unsent(&mut self, origin: Origin, reason: String) {
+        let queue = self.index;
+        self.finish(origin, 0, Err(super::InjectError::NoBuffer { queue, reason }));
     }
 
     /// The element's bounce buffers, filled: readable bytes copied now (so a later change

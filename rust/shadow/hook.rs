@@ -45,7 +45,7 @@ impl ShadowQueue {
     /// readable bytes kept for the completion's hooks), `None` when a hook completed it.
     pub(super) fn judge(&mut self, el: Element) -> Result<Option<Element>, Fault> {
         if el.out_len > MAX_COPY_BYTES {
-            return Err(self.too_many_bytes(&el));
+            return Err(Self::too_many_bytes(&el.origin, el.out_len, el.in_len));
         }
         let out = self.gather(&el.chain.out, el.out_len)?;
         let in_len = el.in_len.min(u32::MAX as u64) as u32;

@@ -352,8 +352,15 @@ impl ShadowQueue {
         self.pushed = true;
     }
 
-    fn too_many_bytes(&self, el: &Element) -> Fault {
-        Fault::TooManyBytes { what: el.origin.describe(), out: el.out_len, inn: el.in_len, max: MAX_COPY_BYTES }
+    #[cold]
+    fn too_many_bytes(origin: &Origin, out: u64, inn: u64) -> Fault {
+        Fault::TooManyBytes { what: origin.describe(), out, inn, max: MAX_COPY_BYTES }
+    }
+
+    /// The fault when an element is more than svq copies (readable or writable side).
+    #[inline]
+    fn beyond_copy(origin: &Origin, out: u64, inn: u64) -> Option<Fault> {
+        (out > MAX_COPY_BYTES || inn > MAX_COPY_BYTES).then(|| Self::too_many_bytes(origin, out, inn))
     }
 
     #[cold]
@@ -496,6 +503,10 @@ impl ShadowQueue {
     /// chain a spare list (see `spare_inn`) so that popping the next one allocates nothing.
     #[inline]
     fn take_inn(&mut self, chain: &mut Chain) -> Vec<Segment> {
+        if chain.inn.is_empty() {
+            // Nothing to travel (a frame sent, an injected element): the chain keeps its list.
+            return Vec::new();
+        }
         std::mem::replace(&mut chain.inn, self.spare_inn.pop().unwrap_or_default())
     }
 
